@@ -1,0 +1,338 @@
+"""Segment every tomogram of a folder, slice by slice, with bounded memory and resumable outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from scripts.atomic import PARTIAL_MARKER, atomic_output
+from scripts.options import as_bool
+from scripts.postprocess import PostProcessing
+from scripts.predict import SlicePrediction, SlicePredictor
+from scripts.volume_io import SliceWriter, Volume, VolumeError, find_volumes, open_volume
+
+__all__ = ["TomogramSegmenter", "InferenceError"]
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz"}
+
+
+class InferenceError(RuntimeError):
+    """Some tomograms could not be segmented; the others were."""
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+class TomogramSegmenter:
+    """Segment a folder of tomograms with a :class:`SlicePredictor`.
+
+    Per tomogram ``NAME`` it writes into ``output_dir``: ``NAME_mask`` (uint8 0/1), optionally
+    ``NAME_prob`` (membrane probability ``(tanh + 1) / 2`` as uint8 0-255 or float16),
+    ``NAME_recon`` (the image decoder's reconstruction, float16), ``NAME_uncertainty`` (TTA variance,
+    float16), in each of ``formats``, then ``NAME_summary.json``. The summary is written last: a
+    tomogram whose summary and outputs exist is complete and skipped on a rerun.
+
+    Args:
+        predictor: runs the network on batches of slices.
+        postprocessing: threshold and clean-up of the mask.
+        output_dir: where outputs go (created).
+        formats: any of "mrc", "tif", "nii.gz".
+        probability: None, "uint8" or "float16".
+        reconstruction: also save the image decoder's output.
+        batch_size: slices per forward pass.
+        slice_range: ``[z0, z1)`` to segment; other slices stay 0 so outputs align with the input.
+        voxel_size_nm: overrides the header voxel size (float or (z, y, x)).
+        overwrite: segment again even when outputs are complete.
+        weights: name of the weights file, recorded in the summaries.
+    """
+
+    def __init__(
+        self,
+        predictor: SlicePredictor,
+        postprocessing: PostProcessing,
+        output_dir: str | os.PathLike,
+        formats: Sequence[str] = ("mrc", "tif"),
+        probability: str | None = None,
+        reconstruction: bool = False,
+        batch_size: int = 2,
+        slice_range: Sequence[int] | None = None,
+        voxel_size_nm: float | Sequence[float] | None = None,
+        overwrite: bool = False,
+        weights: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
+        unknown = [f for f in formats if f.lower() not in SUFFIXES]
+        if unknown or not formats:
+            raise ValueError(f"output formats must be among {sorted(SUFFIXES)}, got {list(formats)}")
+        if probability in ("none", "null", "None", ""):
+            probability = None
+        if probability not in (None, "uint8", "float16"):
+            raise ValueError(f"probability must be null, 'uint8' or 'float16', got {probability!r}")
+        reconstruction = as_bool(reconstruction, "reconstruction")
+        if reconstruction and not predictor.with_image:
+            raise ValueError("reconstruction needs a network built with outputs='both'")
+        self.predictor = predictor
+        self.post = postprocessing
+        self.output_dir = Path(output_dir)
+        self.suffixes = list(dict.fromkeys(SUFFIXES[f.lower()] for f in formats))
+        self.probability = probability
+        self.reconstruction = reconstruction
+        self.batch_size = max(1, int(batch_size))
+        self.slice_range = slice_range
+        self.voxel_size_nm = voxel_size_nm
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.weights = str(weights) if weights is not None else None
+        self.progress = progress
+
+    # ----------------------------------------------------------------------------------- outputs
+    def _outputs(self, stem: str) -> dict[str, list[Path]]:
+        kinds = ["mask"]
+        kinds += ["prob"] if self.probability else []
+        kinds += ["recon"] if self.reconstruction else []
+        kinds += ["uncertainty"] if self.predictor.tta else []
+        return {k: [self.output_dir / f"{stem}_{k}{s}" for s in self.suffixes] for k in kinds}
+
+    def _summary_path(self, stem: str) -> Path:
+        return self.output_dir / f"{stem}_summary.json"
+
+    def is_complete(self, path: Path) -> bool:
+        stem = _stem(path)
+        paths = [p for ps in self._outputs(stem).values() for p in ps] + [self._summary_path(stem)]
+        return all(p.is_file() for p in paths)
+
+    def _remove_stale_partials(self, stem: str) -> None:
+        # Left by a process that was killed (SIGKILL gives no chance to clean up).
+        for stale in self.output_dir.glob(f".{stem}_*{PARTIAL_MARKER}*"):
+            stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------ one tomogram
+    def segment(self, path: str | os.PathLike) -> dict:
+        """Segment one tomogram and return its summary."""
+        start = time.perf_counter()
+        volume = open_volume(path, voxel_size_nm=self.voxel_size_nm)
+        stem = _stem(volume.path)
+        self._remove_stale_partials(stem)
+        depth = volume.data.shape[0]
+        z0, z1 = (
+            (0, depth)
+            if self.slice_range is None
+            else (max(0, self.slice_range[0]), min(depth, self.slice_range[1]))
+        )
+        if z0 >= z1:
+            raise VolumeError(f"{volume.path}: slice range {self.slice_range} is empty for {depth} slices")
+        outputs = self._outputs(stem)
+        with ExitStack() as stack:
+            writers = {
+                kind: [stack.enter_context(self._writer(p, volume, kind)) for p in paths]
+                for kind, paths in outputs.items()
+                if kind != "mask" or not self.post.needs_volume
+            }
+            staged = self._staging(stack, volume, stem) if self.post.needs_volume else None
+            foreground = self._predict_all(volume, writers, staged, z0, z1)
+            if staged is not None:
+                foreground = self._finish_mask(volume, staged, outputs["mask"], stack)
+        summary = {
+            "tomogram": str(volume.path),
+            "shape": list(volume.data.shape),
+            "dtype": str(volume.data.dtype),
+            "voxel_size_nm": list(volume.voxel_size_nm) if volume.voxel_size_nm else None,
+            "slices_segmented": [z0, z1],
+            "threshold": self.post.threshold,
+            "foreground_fraction": foreground / float(np.prod(volume.data.shape)),
+            "seconds": round(time.perf_counter() - start, 3),
+            "weights": self.weights,
+            "device": str(self.predictor.device),
+            "tta": self.predictor.tta,
+            "postprocessing": {
+                "erosion_iterations": self.post.erosion_iterations,
+                "border_crop": self.post.border_crop,
+                "min_object_voxels": self.post.min_object_voxels,
+            },
+            "outputs": {k: [p.name for p in ps] for k, ps in outputs.items()},
+        }
+        with atomic_output(self._summary_path(stem)) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _writer(self, path: Path, volume: Volume, kind: str) -> SliceWriter:
+        dtype = {"mask": np.uint8, "prob": np.dtype(self.probability or "uint8")}.get(kind, np.float16)
+        return SliceWriter(path, volume.data.shape, dtype, voxel_size_nm=volume.voxel_size_nm, like=volume)
+
+    def _staging(self, stack: ExitStack, volume: Volume, stem: str) -> np.memmap:
+        # The raw mask waits on disk for whole-volume clean-up, so memory does not grow with depth.
+        raw = self.output_dir / f".{stem}_mask{PARTIAL_MARKER}{secrets.token_hex(4)}.raw"
+        stack.callback(raw.unlink, missing_ok=True)
+        return np.memmap(raw, dtype=np.uint8, mode="w+", shape=volume.data.shape)
+
+    def _predict_all(self, volume: Volume, writers: dict, staged: np.memmap | None, z0: int, z1: int) -> int:
+        depth = volume.data.shape[0]
+        foreground = 0
+        bar = tqdm(total=z1 - z0, desc=volume.path.name, unit="slice", disable=not self.progress, leave=False)
+        # Slices outside the range are written as zeros so that every output keeps the input's shape.
+        for start, stop in _blocks(0, depth, self.batch_size, z0, z1):
+            if start >= z0 and stop <= z1:
+                prediction = self.predictor.predict(np.asarray(volume.data[start:stop]))
+                mask = self.post.slices(prediction.label.numpy())
+                bar.update(stop - start)
+            else:
+                prediction, mask = None, np.zeros((stop - start, *volume.data.shape[1:]), np.uint8)
+            foreground += int(mask.sum())
+            if staged is not None:
+                staged[start:stop] = mask
+            for kind, kind_writers in writers.items():
+                block = mask if kind == "mask" else self._block(kind, prediction, stop - start, volume)
+                for writer in kind_writers:
+                    writer.write(start, block)
+        bar.close()
+        return foreground
+
+    def _block(self, kind: str, prediction: SlicePrediction | None, n: int, volume: Volume) -> np.ndarray:
+        shape = (n, *volume.data.shape[1:])
+        if prediction is None:
+            dtype = np.dtype(self.probability) if kind == "prob" and self.probability else np.float16
+            return np.zeros(shape, dtype)
+        if kind == "prob":
+            prob = (prediction.label.numpy() + 1.0) / 2.0
+            if self.probability == "uint8":
+                return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+            return prob.astype(np.float16)
+        if kind == "recon":
+            return prediction.image.numpy().astype(np.float16)
+        return prediction.variance.numpy().astype(np.float16)
+
+    def _finish_mask(self, volume: Volume, staged: np.memmap, paths: list[Path], stack: ExitStack) -> int:
+        self.post.volume(staged)
+        foreground = 0
+        writers = [stack.enter_context(self._writer(p, volume, "mask")) for p in paths]
+        for start in range(0, staged.shape[0], self.batch_size):
+            block = np.asarray(staged[start : start + self.batch_size])
+            foreground += int(block.sum())
+            for writer in writers:
+                writer.write(start, block)
+        return foreground
+
+    # ---------------------------------------------------------------------------------- a folder
+    def run(self, dataset_dir: str | os.PathLike) -> list[dict]:
+        """Segment every tomogram in ``dataset_dir``; with torchrun, ranks share the tomograms.
+
+        Unreadable tomograms are reported by name and skipped; :class:`InferenceError` is raised at the
+        end if any failed, after the others are done.
+        """
+        rank, world = _distributed()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        paths = find_volumes(dataset_dir)
+        mine = paths[rank::world]
+        logger.info(
+            "segmenting %d of %d tomograms from %s on %s (rank %d/%d), weights %s",
+            len(mine),
+            len(paths),
+            dataset_dir,
+            self.predictor.device,
+            rank,
+            world,
+            self.weights,
+        )
+        summaries, failures = [], []
+        for path in mine:
+            if not self.overwrite and self.is_complete(path):
+                logger.info("%s: outputs complete, skipped (set overwrite to redo)", path.name)
+                summaries.append(json.loads(self._summary_path(_stem(path)).read_text()))
+                continue
+            try:
+                summary = self.segment(path)
+            except (VolumeError, OSError, ValueError) as err:
+                message = str(err) if str(path) in str(err) else f"{path}: {err}"
+                logger.error(message)
+                failures.append(message)
+                continue
+            summaries.append(summary)
+            logger.info(
+                "%s: %d slices in %.1f s, foreground %.4f",
+                path.name,
+                summary["shape"][0],
+                summary["seconds"],
+                summary["foreground_fraction"],
+            )
+        failed = _all_ranks_sum(len(failures))
+        if rank == 0:
+            self._write_table(paths)
+        _shutdown()
+        if failures or failed:
+            raise InferenceError(f"{failed} tomogram(s) failed: " + "; ".join(failures))
+        return summaries
+
+    def _write_table(self, paths: list[Path]) -> None:
+        rows = []
+        for path in paths:
+            summary_path = self._summary_path(_stem(path))
+            if summary_path.is_file():
+                s = json.loads(summary_path.read_text())
+                rows.append(
+                    {
+                        "tomogram": Path(s["tomogram"]).name,
+                        "slices": s["shape"][0],
+                        "height": s["shape"][1],
+                        "width": s["shape"][2],
+                        "voxel_size_nm": "x".join(f"{v:g}" for v in s["voxel_size_nm"])
+                        if s["voxel_size_nm"]
+                        else "",
+                        "threshold": s["threshold"],
+                        "foreground_fraction": f"{s['foreground_fraction']:.6f}",
+                        "seconds": s["seconds"],
+                        "weights": s["weights"],
+                    }
+                )
+        if not rows:
+            return
+        with atomic_output(self.output_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _blocks(start: int, stop: int, size: int, z0: int, z1: int):
+    """Slice blocks of at most ``size`` that never straddle the segmented range's edges."""
+    edges = sorted({start, stop, *(z for z in (z0, z1) if start < z < stop)})
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        for s in range(a, b, size):
+            yield s, min(s + size, b)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ranks_sum(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)  # also a barrier: rank 0 writes the table after everyone is done
+    return int(total.item())
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,120 @@
+"""Slice-wise prediction: standardise a batch of z slices, run the network through an inferer, TTA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import NormalizeIntensity
+from torch import nn
+
+from scripts.options import as_bool
+
+__all__ = ["SlicePrediction", "SlicePredictor", "window_size"]
+
+
+@dataclass
+class SlicePrediction:
+    """Outputs for a batch of slices, each ``(B, H, W)`` float32 on the CPU (None when not asked for)."""
+
+    label: torch.Tensor
+    image: torch.Tensor | None = None
+    variance: torch.Tensor | None = None
+
+
+def window_size(slice_shape: Sequence[int], max_window: Sequence[int] | int) -> tuple[int, int]:
+    """Sliding-window size: the whole slice when it fits in ``max_window`` (one window, no seams).
+
+    ``max_window`` entries <= 0 mean "no limit" along that axis.
+    """
+    limits = (max_window, max_window) if isinstance(max_window, int) else tuple(max_window)
+    return tuple(int(s) if lim <= 0 else int(min(s, lim)) for s, lim in zip(slice_shape, limits, strict=True))
+
+
+# The 8 symmetries of the square (rot90 k times, optionally after a left-right flip) and inverses.
+def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def _dihedral_inverse(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, -k, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
+
+
+class SlicePredictor:
+    """Predict membranes on batches of 2D slices.
+
+    Args:
+        network: a ``DoubleDecoderNet`` (``outputs`` "label" or "both").
+        inferer: a MONAI inferer; a ``SlidingWindowInferer`` gets its ``roi_size`` set per slice
+            shape from ``max_window`` so that a slice that fits is one window.
+        max_window: largest window (pixels per axis) run in one pass.
+        tta: average the 8 rot90/flip variants.
+        device: where the network runs.
+        amp: autocast to bfloat16 (CPU) / float16 (CUDA); float32 when False.
+
+    ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
+    :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        inferer: Inferer | None = None,
+        max_window: Sequence[int] | int = 2048,
+        tta: bool = False,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.inferer = (
+            inferer if inferer is not None else SlidingWindowInferer(roi_size=(-1, -1), overlap=0.25)
+        )
+        self.max_window = max_window
+        self.tta = as_bool(tta, "tta")
+        self.amp = as_bool(amp, "amp")
+        # Slices stacked along the first axis are "channels" here: channel-wise = per slice.
+        self.normalize = NormalizeIntensity(channel_wise=True, dtype=np.float32)
+
+    @property
+    def with_image(self) -> bool:
+        return getattr(self.network, "outputs", "label") == "both"
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(self.inferer, SlidingWindowInferer):
+            self.inferer.roi_size = window_size(batch.shape[-2:], self.max_window)
+        out = self.inferer(batch, self.network)
+        if isinstance(out, (tuple, list)):
+            return out[0], out[1]
+        return out, None
+
+    @torch.inference_mode()
+    def predict(self, slices: np.ndarray | torch.Tensor) -> SlicePrediction:
+        # A private float32 copy: the slices may be a read-only memory map of the user's tomogram.
+        batch = torch.as_tensor(self.normalize(torch.tensor(np.asarray(slices), dtype=torch.float32)))
+        batch = batch.unsqueeze(1).to(self.device)  # (B, 1, H, W)
+        variants = DIHEDRAL if self.tta else DIHEDRAL[:1]
+        labels, images = [], []
+        autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp)
+        with autocast:
+            for k, flip in variants:
+                label, image = self._forward(_dihedral(batch, k, flip))
+                labels.append(_dihedral_inverse(label.float(), k, flip))
+                if image is not None:
+                    images.append(_dihedral_inverse(image.float(), k, flip))
+        stacked = torch.stack(labels)
+        variance = stacked.var(dim=0, unbiased=False)[:, 0].cpu() if self.tta else None
+        image = torch.stack(images).mean(dim=0)[:, 0].cpu() if images else None
+        return SlicePrediction(label=stacked.mean(dim=0)[:, 0].cpu(), image=image, variance=variance)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
