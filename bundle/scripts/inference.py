@@ -21,7 +21,7 @@ from scripts.atomic import PARTIAL_MARKER, atomic_output
 from scripts.options import as_bool
 from scripts.postprocess import PostProcessing
 from scripts.predict import SlicePrediction, SlicePredictor
-from scripts.volume_io import SliceWriter, Volume, VolumeError, find_volumes, open_volume
+from scripts.volume_io import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
 
 __all__ = ["TomogramSegmenter", "InferenceError"]
 
@@ -32,11 +32,6 @@ SUFFIXES = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii
 
 class InferenceError(RuntimeError):
     """Some tomograms could not be segmented; the others were."""
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
 
 
 class TomogramSegmenter:
@@ -112,7 +107,7 @@ class TomogramSegmenter:
         return self.output_dir / f"{stem}_summary.json"
 
     def is_complete(self, path: Path) -> bool:
-        stem = _stem(path)
+        stem = volume_stem(path)
         paths = [p for ps in self._outputs(stem).values() for p in ps] + [self._summary_path(stem)]
         return all(p.is_file() for p in paths)
 
@@ -126,7 +121,7 @@ class TomogramSegmenter:
         """Segment one tomogram and return its summary."""
         start = time.perf_counter()
         volume = open_volume(path, voxel_size_nm=self.voxel_size_nm)
-        stem = _stem(volume.path)
+        stem = volume_stem(volume.path)
         self._remove_stale_partials(stem)
         depth = volume.data.shape[0]
         z0, z1 = (
@@ -252,7 +247,7 @@ class TomogramSegmenter:
         for path in mine:
             if not self.overwrite and self.is_complete(path):
                 logger.info("%s: outputs complete, skipped (set overwrite to redo)", path.name)
-                summaries.append(json.loads(self._summary_path(_stem(path)).read_text()))
+                summaries.append(json.loads(self._summary_path(volume_stem(path)).read_text()))
                 continue
             try:
                 summary = self.segment(path)
@@ -280,7 +275,7 @@ class TomogramSegmenter:
     def _write_table(self, paths: list[Path]) -> None:
         rows = []
         for path in paths:
-            summary_path = self._summary_path(_stem(path))
+            summary_path = self._summary_path(volume_stem(path))
             if summary_path.is_file():
                 s = json.loads(summary_path.read_text())
                 rows.append(

@@ -9,6 +9,7 @@ order of a Keras ``save_weights`` file (see ``keras_weights.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import List, Optional, Tuple, Union  # TorchScript does not read PEP 585/604 annotations
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,6 @@ __all__ = ["DoubleDecoderNet", "Bottleneck", "ResidualBlock", "count_values"]
 # Keras BatchNormalization defaults used by the reference (momentum 0.99 == PyTorch 0.01).
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
-DEPTH_DIVISOR = 16  # four 2x2 poolings
 
 
 class Activation(nn.Sequential):
@@ -101,7 +101,7 @@ class NeckBranch(nn.Module):
         self.act = nn.ModuleList([Activation(channels) for _ in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, act in zip(self.conv, self.act, strict=True):
+        for conv, act in zip(self.conv, self.act):
             x = act(conv(x))
         return x
 
@@ -118,7 +118,7 @@ class Neck(nn.Module):
         return torch.cat([branch(x) for branch in self.branches], dim=1)
 
 
-class UpConv(nn.ConvTranspose2d):
+class UpConv(nn.Module):
     """3x3 stride-2 transposed conv with TensorFlow 'same' geometry: output exactly 2H x 2W.
 
     PyTorch's ``padding=1, output_padding=1`` has the right size but is shifted by one pixel;
@@ -126,11 +126,12 @@ class UpConv(nn.ConvTranspose2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 3, stride=2, padding=0, bias=True)
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=0, bias=True)
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        return super().forward(x)[..., : 2 * height, : 2 * width]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        return self.conv(x)[..., : 2 * height, : 2 * width]
 
 
 class Decoder(nn.Module):
@@ -163,13 +164,15 @@ class Decoder(nn.Module):
         self.final_conv = Bottleneck(channels, width, 3)
         self.final_act = Activation(width)
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """``skips`` deepest first, as many as stages, when the decoder uses them."""
-        for i, (up, stage) in enumerate(zip(self.up, self.stages, strict=True)):
+        i = 0
+        for up, stage in zip(self.up, self.stages):
             x = up(x)
-            if self.use_skips:
+            if skips is not None:
                 x = torch.cat([skips[i], x], dim=1)
             x = stage(x)
+            i += 1
         return self.final_act(self.final_conv(x))
 
 
@@ -221,35 +224,32 @@ class DoubleDecoderNet(nn.Module):
         self.label_decoder = Decoder(self.neck.out_channels, width, skip_channels, blocks_per_stage=2)
         self.label_head = LabelHead(width)
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        height, width = x.shape[-2:]
-        pad_h, pad_w = (-height) % DEPTH_DIVISOR, (-width) % DEPTH_DIVISOR
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        pad_h, pad_w = (-height) % 16, (-width) % 16  # four 2x2 poolings
         if pad_h == 0 and pad_w == 0:
-            return x, (height, width)
+            return x
         mode = self.pad_mode
         # Reflection needs the padding to be smaller than the side; tiny inputs fall back.
         if mode == "reflect" and (pad_h >= height or pad_w >= width):
             mode = "replicate"
-        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-        return F.pad(x, pads, mode=mode), (height, width)
+        return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], mode=mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        x, (height, width) = self._pad(x)
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        height, width = x.shape[-2], x.shape[-1]
+        x = self._pad(x)
         top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
         bottom, skips = self.encoder(x)
         features = self.neck(bottom)
-        label = image = None
-        if self.outputs in ("both", "label"):
+        if self.outputs != "image":
             label = self.label_head(self.label_decoder(features, skips[::-1]))
             label = label[..., top : top + height, left : left + width]
-        if self.outputs in ("both", "image"):
+            if self.outputs == "label":
+                return label
             image = self.image_head(self.image_decoder(features))
-            image = image[..., top : top + height, left : left + width]
-        if self.outputs == "label":
-            return label
-        if self.outputs == "image":
-            return image
-        return label, image
+            return label, image[..., top : top + height, left : left + width]
+        image = self.image_head(self.image_decoder(features))
+        return image[..., top : top + height, left : left + width]
 
     def segmentation_parameters(self) -> list[nn.Parameter]:
         """Parameters of the label decoder and head: frozen during unlabeled steps."""

@@ -1,0 +1,48 @@
+"""ONNX export of the segmentation network (TorchScript export is MONAI's ``ckpt_export``).
+
+CLI (from ``bundle/``): ``python -m scripts.export models/model.pt model.onnx --width 8``.
+
+The exported graph takes ``(N, 1, H, W)`` float32 standardised slices with H and W multiples of 16
+(batch, height and width are dynamic) and returns the tanh label map. Tracing fixes the network's own
+padding to the example's size, so callers pad to a multiple of 16 themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from scripts.atomic import atomic_output
+from scripts.checkpoints import load_weights
+from scripts.networks import DoubleDecoderNet
+
+__all__ = ["export_onnx"]
+
+
+def export_onnx(
+    weights: str | os.PathLike,
+    output: str | os.PathLike,
+    width: int = 8,
+    opset: int = 17,
+    outputs: str = "label",
+) -> str:
+    """Export ``weights`` as an ONNX model with dynamic batch, height and width."""
+    net = load_weights(DoubleDecoderNet(width=width, outputs=outputs), weights).eval()
+    example = torch.zeros(1, 1, 64, 64)
+    names = ["pred"] if outputs != "both" else ["pred", "image"]
+    axes = {name: {0: "batch", 2: "height", 3: "width"} for name in ["image_in", *names]}
+    with atomic_output(output) as tmp:
+        # The TorchScript-based exporter handles this network's control flow without onnxscript.
+        torch.onnx.export(
+            net, (example,), str(tmp), input_names=["image_in"], output_names=names, dynamic_axes=axes,
+            opset_version=opset, dynamo=False,
+        )  # fmt: skip
+    print(f"wrote {output} (width {width}, outputs {outputs})")
+    return str(output)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(export_onnx)

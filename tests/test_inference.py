@@ -1,0 +1,156 @@
+"""Folder inference through the real bundle runner (random small weights: behaviour, not quality)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import REPO
+from scripts.networks import DoubleDecoderNet
+
+CONFIG = REPO / "bundle" / "configs" / "inference.json"
+
+
+def _write_mrc(path: Path, data: np.ndarray, voxel_angstrom: float = 98.0) -> None:
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = voxel_angstrom
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "w4.pt"
+    torch.save(DoubleDecoderNet(width=4).state_dict(), path)
+    return path
+
+
+def _run(tomograms: Path, out: Path, weights: Path, *extra: str, cwd: Path = REPO, wait: bool = True):
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
+        "--dataset_dir", str(tomograms), "--output_dir", str(out), "--weights", str(weights), "--width", "4",
+        *extra,
+    ]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _partials(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name]
+
+
+def test_outputs_keep_shape_and_voxel_size_and_a_corrupt_file_is_reported(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    rng = np.random.default_rng(0)
+    _write_mrc(tomograms / "cell_a.mrc", rng.normal(size=(5, 40, 56)).astype(np.float32))
+    _write_mrc(tomograms / "cell_c.rec", (rng.random((3, 33, 47)) * 60000).astype(np.uint16), 250.0)
+    (tomograms / "cell_b.mrc").write_bytes(b"\0" * 100)  # truncated header
+    out = tmp_path / "out"
+    # Run from bundle/ to check the config does not depend on the working directory.
+    result = _run(tomograms, out, weights, "--probability", "float16", cwd=REPO / "bundle")
+    assert result.returncode != 0
+    assert "cell_b.mrc" in result.stderr and "1 tomogram(s) failed" in result.stderr
+    for name, shape, voxel in (("cell_a", (5, 40, 56), 98.0), ("cell_c", (3, 33, 47), 250.0)):
+        with mrcfile.open(out / f"{name}_mask.mrc", permissive=False) as mrc:
+            assert mrc.data.shape == shape
+            assert set(np.unique(mrc.data)) <= {0, 1}
+            assert mrc.voxel_size.x == pytest.approx(voxel)
+        with tifffile.TiffFile(out / f"{name}_mask.tif") as tif:
+            assert tif.series[0].shape == shape
+            assert tif.imagej_metadata["unit"] == "nm"
+            assert tif.imagej_metadata["spacing"] == pytest.approx(voxel / 10)
+        with mrcfile.open(out / f"{name}_prob.mrc") as mrc:
+            assert mrc.data.dtype == np.float16 and 0 <= mrc.data.min() <= mrc.data.max() <= 1
+        summary = json.loads((out / f"{name}_summary.json").read_text())
+        assert summary["shape"] == list(shape) and summary["voxel_size_nm"] == [voxel / 10] * 3
+    assert not (out / "cell_b_mask.mrc").exists()
+    assert _partials(out) == []
+    table = (out / "summary.csv").read_text().splitlines()
+    assert len(table) == 3 and table[0].startswith("tomogram,")
+
+
+def test_killed_run_leaves_no_partial_output_and_rerun_matches_a_clean_run(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("t1", "t2"):
+        _write_mrc(tomograms / f"{name}.mrc", rng.normal(size=(24, 96, 96)).astype(np.float32))
+    clean = tmp_path / "clean"
+    assert _run(tomograms, clean, weights, "--batch_size", "1").returncode == 0
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = _run(tomograms, out, weights, "--batch_size", "1", wait=False)
+    deadline = time.monotonic() + 120
+    while not _partials(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Nothing under a final name is half-written: only complete files or hidden partials.
+    finals = [p for p in out.iterdir() if not p.name.startswith(".")]
+    for path in finals:
+        assert path.name.startswith("t1_") or path.name == "summary.csv", path
+
+    rerun = _run(tomograms, out, weights, "--batch_size", "1")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _partials(out) == []
+    # Header labels carry a creation time, so compare what a reader sees.
+    for name in ("t1", "t2"):
+        with mrcfile.open(clean / f"{name}_mask.mrc") as a, mrcfile.open(out / f"{name}_mask.mrc") as b:
+            np.testing.assert_array_equal(a.data, b.data)
+            assert a.voxel_size == b.voxel_size
+        np.testing.assert_array_equal(
+            tifffile.imread(clean / f"{name}_mask.tif"), tifffile.imread(out / f"{name}_mask.tif")
+        )
+
+
+def test_tiff_stack_input_and_postprocessing(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    data = np.random.default_rng(2).normal(size=(4, 48, 48)).astype(np.float32)
+    tifffile.imwrite(tomograms / "stack.tif", data, imagej=True, resolution=(1 / 12.5, 1 / 12.5),
+                     metadata={"spacing": 12.5, "unit": "nm"})  # fmt: skip
+    out = tmp_path / "out"
+    result = _run(
+        tomograms, out, weights, "--formats", "['mrc']", "--border_crop", "5", "--min_object_voxels", "10",
+        "--slice_range", "[1, 3]",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with mrcfile.open(out / "stack_mask.mrc") as mrc:
+        mask = np.asarray(mrc.data)
+        assert mrc.voxel_size.x == pytest.approx(125.0)
+    assert mask[0].sum() == 0 and mask[3].sum() == 0  # outside the slice range
+    assert mask[:, :5].sum() == 0 and mask[:, :, -5:].sum() == 0
+    assert not (out / "stack_mask.tif").exists()
+
+
+def test_torchrun_splits_tomograms_across_two_processes(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        _write_mrc(tomograms / f"t{i}.mrc", rng.normal(size=(2, 32, 32)).astype(np.float32))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+        "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
+        "--dataset_dir", str(tomograms), "--output_dir", str(out), "--weights", str(weights), "--width", "4",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*_summary.json"))]
+    assert [Path(s["tomogram"]).name for s in summaries] == ["t0.mrc", "t1.mrc", "t2.mrc"]
+    assert "rank 1/2" in result.stdout + result.stderr
+    assert len((out / "summary.csv").read_text().splitlines()) == 4
