@@ -223,21 +223,24 @@ class TomogramSegmenter:
         return foreground
 
     # ---------------------------------------------------------------------------------- a folder
-    def run(self, dataset_dir: str | os.PathLike) -> list[dict]:
-        """Segment every tomogram in ``dataset_dir``; with torchrun, ranks share the tomograms.
+    def run(self, tomograms: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
+        """Segment a folder of tomograms (or a list of files); with torchrun, ranks share them.
 
         Unreadable tomograms are reported by name and skipped; :class:`InferenceError` is raised at the
         end if any failed, after the others are done.
         """
         rank, world = _distributed()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        paths = find_volumes(dataset_dir)
+        if isinstance(tomograms, (str, os.PathLike)):
+            paths = find_volumes(tomograms)
+        else:
+            paths = [Path(p) for p in tomograms]
         mine = paths[rank::world]
         logger.info(
             "segmenting %d of %d tomograms from %s on %s (rank %d/%d), weights %s",
             len(mine),
             len(paths),
-            dataset_dir,
+            paths[0].parent if paths else "(none)",
             self.predictor.device,
             rank,
             world,
