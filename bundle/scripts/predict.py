@@ -1,7 +1,15 @@
-"""Slice-wise prediction: standardise a batch of z slices, run the network through an inferer, TTA."""
+"""Slice-wise prediction: standardise a batch of z slices, run the network through an inferer, TTA.
+
+Speed (docs/performance.md): the network runs as an inference-only fused copy (BatchNorm folded into
+the convs, linear convs merged, ReLUs in the conv) in channels_last layout, optionally compiled with
+``torch.compile``. The fused copy gives the eager network's outputs to float32 rounding.
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,7 +19,11 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import NormalizeIntensity
 from torch import nn
 
+from scripts.fusion import fuse_for_inference
+from scripts.networks import DoubleDecoderNet
 from scripts.options import as_bool
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SlicePrediction", "SlicePredictor", "window_size"]
 
@@ -59,6 +71,10 @@ class SlicePredictor:
         tta: average the 8 rot90/flip variants.
         device: where the network runs.
         amp: autocast to bfloat16 (CPU) / float16 (CUDA); float32 when False.
+        channels_last: run in channels_last (NHWC) memory format, oneDNN's and cuDNN's fast layout.
+        fuse: run a fused inference-only copy of a ``DoubleDecoderNet`` (see ``scripts.fusion``).
+        compile: ``torch.compile`` the network at the first batch (minutes on a small CPU; pays off
+            for long tomograms; each new slice shape compiles again).
 
     ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
     :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.
@@ -72,6 +88,9 @@ class SlicePredictor:
         tta: bool = False,
         device: str | torch.device = "cpu",
         amp: bool = False,
+        channels_last: bool = True,
+        fuse: bool = True,
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
@@ -81,6 +100,10 @@ class SlicePredictor:
         self.max_window = max_window
         self.tta = as_bool(tta, "tta")
         self.amp = as_bool(amp, "amp")
+        self.channels_last = as_bool(channels_last, "channels_last")
+        self.fuse = as_bool(fuse, "fuse")
+        self.compile = as_bool(compile, "compile")
+        self._model: nn.Module | None = None
         # Slices stacked along the first axis are "channels" here: channel-wise = per slice.
         self.normalize = NormalizeIntensity(channel_wise=True, dtype=np.float32)
 
@@ -88,10 +111,34 @@ class SlicePredictor:
     def with_image(self) -> bool:
         return getattr(self.network, "outputs", "label") == "both"
 
+    @property
+    def model(self) -> nn.Module:
+        """What actually runs: built at the first use, so weights loaded after construction count."""
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+    def _build(self) -> nn.Module:
+        start = time.perf_counter()
+        model = self.network
+        if self.fuse and isinstance(model, DoubleDecoderNet):
+            model = fuse_for_inference(model, channels_last=self.channels_last)
+        elif self.channels_last:
+            # A copy: the caller's network (maybe still training) keeps its layout.
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        if self.compile:
+            # Freezing lets inductor constant-fold and pre-pack the conv weights (CPU).
+            options = {"freezing": True} if self.device.type == "cpu" else None
+            model = torch.compile(model, dynamic=False, options=options)
+        logger.debug("inference network ready in %.2f s", time.perf_counter() - start)
+        return model
+
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(self.inferer, SlidingWindowInferer):
             self.inferer.roi_size = window_size(batch.shape[-2:], self.max_window)
-        out = self.inferer(batch, self.network)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        out = self.inferer(batch, self.model)
         if isinstance(out, (tuple, list)):
             return out[0], out[1]
         return out, None
