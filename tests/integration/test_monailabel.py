@@ -1,0 +1,480 @@
+"""MONAI Label app (monailabel/) on a real server on 127.0.0.1, driven through its REST API.
+
+The server runs in its own virtual environment, made (or reused, by stamp) by
+tools/monailabel_env.sh; by default it lives in ~/.cache so that fresh clones (CI) reuse it
+(override with CRYOSXT_MONAILABEL_VENV). The test skips only when that environment cannot be built
+for a reason outside the project (exit status 75: no venv module, package index unreachable, disk
+full, install timed out). Studies are simulated tomograms, one MRC and one TIFF, plus a corrupt file.
+Everything is bounded: one overall budget, a deadline on every wait, and the server is stopped
+(SIGTERM, then SIGKILL of its process group) whatever happens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from scripts.volume_io import open_volume, write_volume
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundle"
+MODEL = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["name"]  # the served model's name
+SHAPE = (16, 96, 96)
+ANNOTATED = (3, 7, 11)
+EX_ENVIRONMENT = 75  # tools/monailabel_env.sh: cannot be built for reasons outside the project
+
+BUDGET_S = 480.0  # the whole module, first install included
+INSTALL_TIMEOUT_S = 360.0
+START_TIMEOUT_S = 150.0
+INFER_TIMEOUT_S = 180.0
+TRAIN_TIMEOUT_S = 300.0
+
+pytestmark = pytest.mark.slow
+TIMINGS: dict[str, float] = {}
+_START: list[float] = []  # set by the first step that needs the budget, not at collection
+
+
+def remaining(cap: float) -> float:
+    """Seconds left for one step: ``cap``, or less when the module's budget runs out."""
+    if not _START:
+        _START.append(time.monotonic())
+    left = BUDGET_S - (time.monotonic() - _START[0])
+    if left <= 1:
+        pytest.fail(f"the MONAI Label test ran out of its {BUDGET_S:.0f} s budget")
+    return min(cap, left)
+
+
+# ----------------------------------------------------------------------------- HTTP (stdlib only)
+
+# Loopback only: never through an HTTP proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
+    if body is None and method in ("POST", "PUT"):
+        body = b""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with _OPENER.open(request, timeout=remaining(timeout)) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def http_json(method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+    status, _, body = http(method, url, **kwargs)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def multipart(form: dict[str, str], files: dict[str, Path] | None = None) -> tuple[bytes, dict]:
+    """A multipart/form-data body: text fields and file fields (sent under the file's name)."""
+    boundary = uuid.uuid4().hex
+    chunks = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in form.items()
+    ]
+    for field, path in (files or {}).items():
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n"
+        )
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def put_label(base: str, image_id: str, path: Path, params: dict | None = None) -> tuple[int, Any]:
+    body, headers = multipart({"params": json.dumps(params or {})}, {"label": path})
+    query = urllib.parse.urlencode({"image": image_id, "tag": "final"})
+    return http_json("PUT", f"{base}/datastore/label?{query}", body=body, headers=headers)
+
+
+def infer(base: str, image_id: str, output: str = "image", model: str = MODEL,
+          params: dict | None = None) -> tuple[int, dict, bytes]:
+    query = urllib.parse.urlencode({"image": image_id, "output": output})
+    body, headers = multipart({"params": json.dumps(params or {})})
+    return http("POST", f"{base}/infer/{model}?{query}", body=body, headers=headers, timeout=INFER_TIMEOUT_S)
+
+
+def datastore_state(base: str, studies: Path) -> tuple[Any, list[str]]:
+    """The datastore as the server lists it, and the files under the studies folder."""
+    status, listing = http_json("GET", f"{base}/datastore/?output=all")
+    assert status == 200, listing
+    files = sorted(
+        str(p.relative_to(studies)) for p in studies.rglob("*") if p.is_file() and p.name != ".lock"
+    )
+    return listing, files
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _run_bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int, str, str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group and raise."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    target = os.environ.get("CRYOSXT_MONAILABEL_VENV") or str(
+        Path.home() / ".cache" / "cryosxt-membrane-segmentation" / "venv-monailabel"
+    )
+    env = {**os.environ, "PYTHON": sys.executable}
+    start = time.monotonic()
+    try:
+        code, out, err = _run_bounded(["bash", str(REPO / "tools" / "monailabel_env.sh"), target],
+                                      remaining(INSTALL_TIMEOUT_S), env=env)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"installing MONAI Label took over {INSTALL_TIMEOUT_S:.0f} s (slow package index?)")
+    TIMINGS["venv_s"] = time.monotonic() - start
+    if code == EX_ENVIRONMENT:
+        pytest.skip("MONAI Label's environment cannot be built on this machine:\n" + err[-2000:])
+    assert code == 0, f"tools/monailabel_env.sh failed ({code}):\n{err[-4000:]}"
+    return Path(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Studies (one MRC and one TIFF simulated tomogram, one corrupt file), ground truth, app copy."""
+    root = tmp_path_factory.mktemp("monailabel")
+    sim = root / "sim"
+    code, _, err = _run_bounded(
+        [sys.executable, "-m", "scripts.simulate", "--out", str(sim), "--count", "2",
+         "--shape", ",".join(map(str, SHAPE)), "--seed", "0"],
+        remaining(120), cwd=BUNDLE,
+    )
+    images = sorted((sim / "images").glob("*.mrc"))
+    if code != 0 or len(images) != 2:  # the simulator is not what this test is about
+        warnings.warn(f"scripts.simulate failed ({code}); synthetic rings:\n{err[-1000:]}", stacklevel=1)
+        images = _synthetic_tomograms(root / "synthetic")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy2(images[0], studies / "cell_a.mrc")
+    second = open_volume(images[1])
+    write_volume(studies / "cell_b.tif", second.data, like=second)  # a TIFF stack study
+    (studies / "broken.mrc").write_bytes(b"this is not an MRC file" * 64)
+
+    app = root / "app"
+    ignore = shutil.ignore_patterns("model", "logs", "bin", "__pycache__")
+    shutil.copytree(REPO / "monailabel", app, ignore=ignore)
+    # Small random weights in the app's working copy (kept by the app): the test's run time does not
+    # depend on the width of whatever bundle/models/model.pt ships.
+    import torch
+
+    from scripts.networks import DoubleDecoderNet
+
+    models = app / "model" / MODEL / "models"
+    models.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(DoubleDecoderNet(width=8).state_dict(), models / "model.pt")
+    truth = images[0].parent.parent / "labels" / images[0].name
+    return {"root": root, "studies": studies, "app": app, "truth": truth}
+
+
+def _synthetic_tomograms(root: Path) -> list[Path]:
+    """Two noisy tomograms of bright rings (membranes) with their 0/1 labels, as the simulator lays out."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    paths = []
+    for i in range(2):
+        radius = np.hypot(yy - 48 - 5 * i, xx - 48 + 4 * i)
+        membrane = (np.abs(radius - 20 - zz / 4) < 1.5).astype(np.uint8)
+        image = (membrane + rng.normal(0, 0.3, SHAPE)).astype(np.float32)
+        paths.append(write_volume(root / "images" / f"ring_{i}.mrc", image, voxel_size_nm=9.8))
+        write_volume(root / "labels" / f"ring_{i}.mrc", membrane, voxel_size_nm=9.8)
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(venv: Path, workspace: dict[str, Path]) -> Iterator[str]:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = workspace["root"] / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
+    env.update({
+        "PYTHON": sys.executable,
+        "CRYOSXT_MONAILABEL_VENV": str(venv),
+        "CRYOSXT_MONAILABEL_APP": str(workspace["app"]),
+        "MONAILABEL_HOST": "127.0.0.1",
+        "MONAI_LABEL_SESSION_PATH": str(workspace["root"] / "sessions"),
+    })
+    cmd = ["bash", str(REPO / "tools" / "start_monailabel.sh"), str(workspace["studies"]), str(port)]
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + remaining(START_TIMEOUT_S)
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if http("GET", f"{base}/info/", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not up after {START_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        TIMINGS["server_start_s"] = time.monotonic() - start
+        yield base
+    finally:
+        proc.terminate()  # start_monailabel.sh execs the server: this is uvicorn's graceful stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of our own group (a training subprocess)
+        except ProcessLookupError:
+            pass
+        print(f"\nMONAI Label test timings (s): { {k: round(v, 1) for k, v in TIMINGS.items()} }")
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_annotate_infer_train_round_trip(server: str, workspace: dict[str, Path]) -> None:
+    studies = workspace["studies"]
+    status, info = http_json("GET", f"{server}/info/")
+    assert status == 200, info
+    assert MODEL in info["models"] and MODEL in info["trainers"], info
+    assert info["models"][MODEL]["labels"] == {"membrane": 1}
+    assert info["models"][MODEL]["dimension"] == 3
+
+    status, listing = http_json("GET", f"{server}/datastore/?output=all")
+    assert status == 200
+    assert set(listing["objects"]) == {"cell_a", "cell_b", "broken"}, listing
+
+    # Inference: whole tomogram in, 3D mask out, in the study's own format and voxel size.
+    for image_id, suffix in (("cell_a", ".mrc"), ("cell_b", ".tif")):
+        start = time.monotonic()
+        status, headers, body = infer(server, image_id)
+        TIMINGS[f"infer_{image_id}_s"] = time.monotonic() - start
+        assert status == 200, body[:2000]
+        assert headers.get("content-disposition", "").rstrip('"').endswith(suffix), headers
+        mask_path = workspace["root"] / f"mask_{image_id}{suffix}"
+        mask_path.write_bytes(body)
+        mask, study = open_volume(mask_path), open_volume(next(studies.glob(f"{image_id}.*")))
+        assert mask.shape == study.shape == SHAPE
+        assert mask.voxel_size_nm == pytest.approx(study.voxel_size_nm)
+        assert mask.dtype == np.uint8 and set(np.unique(mask.data)) <= {0, 1}
+
+    # A label as 3D Slicer saves it: a 0/1 NIfTI labelmap, membrane drawn on a few slices only.
+    truth = open_volume(workspace["truth"])
+    label = np.zeros(SHAPE, np.uint8)
+    for z in ANNOTATED:
+        label[z] = truth.data[z] != 0
+    label_path = write_volume(workspace["root"] / "cell_a_label.nii.gz", label, like=truth)
+    status, saved = put_label(server, "cell_a", label_path)
+    assert status == 200, saved
+    status, listing = http_json("GET", f"{server}/datastore/?output=all")
+    assert listing["objects"]["cell_a"]["labels"]["final"]["ext"] == ".nii.gz", listing
+
+    status, before = http_json("GET", f"{server}/model/info/{MODEL}")
+    assert status == 200, before
+
+    # One short semi-supervised training run: cell_a labeled, cell_b (TIFF) unlabeled, broken skipped.
+    params = {"max_epochs": 1, "patch_size": 64, "batch_size": 1, "labeled_repeats": 1,
+              "unlabeled_steps_per_epoch": 2, "num_workers": 0, "val_split": 0.3}
+    start, started_at = time.monotonic(), time.time()
+    status, task = http_json("POST", f"{server}/train/{MODEL}", body=json.dumps(params).encode(),
+                             headers={"Content-Type": "application/json"})
+    assert status == 200, task
+    deadline = time.monotonic() + remaining(TRAIN_TIMEOUT_S)
+    while True:
+        status, task = http_json("GET", f"{server}/train/")
+        if status == 200 and task.get("status") in ("DONE", "ERROR", "STOPPED"):
+            break
+        assert time.monotonic() < deadline, f"training not finished after {TRAIN_TIMEOUT_S:.0f} s: {task}"
+        time.sleep(2)
+    TIMINGS["train_s"] = time.monotonic() - start
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+
+    status, after = http_json("GET", f"{server}/model/info/{MODEL}")
+    assert status == 200, after
+    assert after["checksum"] != before["checksum"], "training did not publish new weights"
+    stats = after["train_stats"]
+    assert stats["published"] == "models/model.pt" and stats["total_epochs"] == 1
+    assert stats["labeled"] == ["cell_a"] and stats["unlabeled"] == ["cell_b"]
+    assert "broken" in stats["skipped"]
+    working = workspace["app"] / "model" / MODEL
+    assert (working / "runs" / "monailabel" / "last.pt").is_file()  # the bundle's own checkpoint
+    assert (working / "models" / "model.pt").stat().st_mtime >= started_at  # published over the old one
+
+    # The server picks up the new weights for the next prediction; this one asked for NIfTI.
+    status, headers, body = infer(server, "cell_a", params={"result_extension": ".nii.gz"})
+    assert status == 200, body[:2000]
+    assert headers.get("content-disposition", "").rstrip('"').endswith(".nii.gz"), headers
+    mask_path = workspace["root"] / "mask_retrained.nii.gz"
+    mask_path.write_bytes(body)
+    mask = open_volume(mask_path)
+    assert mask.shape == SHAPE and mask.voxel_size_nm == pytest.approx(truth.voxel_size_nm)
+
+
+def test_bad_requests_get_clear_errors_and_keep_datastore(server: str, workspace: dict[str, Path]) -> None:
+    studies = workspace["studies"]
+    before = datastore_state(server, studies)
+
+    status, _, body = infer(server, "no_such_tomogram")
+    assert status == 404 and b"no_such_tomogram" in body and b"not in the datastore" in body, body
+    status, _, body = infer(server, "broken")
+    assert status == 422 and b"broken.mrc" in body and b"cannot be read" in body, body
+    status, _, body = infer(server, "cell_a", model="no_such_model")
+    assert status == 404 and b"no_such_model" in body, body
+
+    truth = open_volume(workspace["truth"])
+    good = write_volume(workspace["root"] / "good_label.mrc", (truth.data != 0).astype(np.uint8), like=truth)
+    status, detail = put_label(server, "no_such_tomogram", good)
+    assert status == 404 and "no_such_tomogram" in str(detail), detail
+    wrong = write_volume(workspace["root"] / "wrong_shape.mrc", np.zeros((16, 64, 96), np.uint8))
+    status, detail = put_label(server, "cell_a", wrong)
+    assert status == 422 and "does not match" in str(detail), detail
+    corrupt = workspace["root"] / "corrupt_label.mrc"
+    corrupt.write_bytes(b"\0" * 100)
+    status, detail = put_label(server, "cell_a", corrupt)
+    assert status == 422 and "cannot be read" in str(detail), detail
+    status, detail = put_label(server, "cell_a", good, params={"annotated_slices": "40-50"})
+    assert status == 422 and "annotated_slices" in str(detail), detail
+    body, headers = multipart({}, {"file": corrupt})
+    status, detail = http_json("PUT", f"{server}/datastore/image?image=new_cell", body=body, headers=headers)
+    assert status == 422 and "cannot be read" in str(detail), detail
+
+    assert datastore_state(server, studies) == before
+
+
+# ----------------------------------------------------------------------------- no server
+
+
+def _training_data_module() -> Any:
+    path = REPO / "monailabel" / "lib" / "training_data.py"
+    spec = importlib.util.spec_from_file_location("cryosxt_monailabel_training_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeDatastore:
+    def __init__(self, images: dict[str, Path], labels: dict[str, Path], info: dict[str, dict]) -> None:
+        self.images, self.labels, self.info = images, labels, info
+
+    def list_images(self) -> list[str]:
+        return list(self.images)
+
+    def get_image_uri(self, image_id: str) -> str:
+        return str(self.images[image_id])
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return str(self.labels.get(label_id, ""))
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict:
+        return self.info.get(label_id, {})
+
+
+def test_training_folder_marks_only_annotated_slices(tmp_path: Path) -> None:
+    """The datastore -> bundle layout conversion, without a server (runs in the project env)."""
+    td = _training_data_module()
+    image = np.random.default_rng(0).normal(size=(6, 16, 16)).astype(np.float32)
+    slicer_label = np.zeros((6, 16, 16), np.uint8)
+    slicer_label[[1, 4], 5:8, 5:8] = 1  # membrane drawn on slices 1 and 4 only
+    bundle_label = np.full((6, 16, 16), 255, np.uint8)
+    bundle_label[2] = 0  # an annotated slice without membrane
+    images, labels = {}, {}
+    for name in ("slicer", "bundle", "listed", "everything", "empty", "mismatch", "unlabeled"):
+        images[name] = write_volume(tmp_path / "studies" / f"{name}.mrc", image, voxel_size_nm=10.0)
+    for name, data in (("slicer", slicer_label), ("bundle", bundle_label), ("listed", slicer_label),
+                       ("everything", slicer_label), ("empty", np.zeros_like(slicer_label)),
+                       ("mismatch", slicer_label[:, :8])):
+        labels[name] = write_volume(tmp_path / "labels" / f"{name}.nii.gz", data, voxel_size_nm=10.0)
+    (tmp_path / "studies" / "broken.mrc").write_bytes(b"garbage" * 50)
+    images["broken"] = tmp_path / "studies" / "broken.mrc"
+    store = FakeDatastore(images, labels, {"listed": {"annotated_slices": "0-2, 5"},
+                                           "everything": {"annotated_slices": "all"}})
+
+    out = tmp_path / "train"
+    summary = td.build_training_folder(store, out)
+    assert sorted(summary["labeled"]) == ["bundle", "everything", "listed", "slicer"]
+    assert sorted(summary["unlabeled"]) == ["empty", "mismatch", "unlabeled"]
+    assert set(summary["skipped"]) == {"broken", "empty", "mismatch"}
+    assert (out / "labels" / "slicer.slices.txt").read_text().split() == ["1", "4"]
+    assert (out / "labels" / "listed.slices.txt").read_text().split() == ["0", "1", "2", "5"]
+    assert not (out / "labels" / "bundle.slices.txt").exists()  # 255 marks the unannotated slices
+    assert not (out / "labels" / "everything.slices.txt").exists()
+    assert (out / "images" / "unlabeled.mrc").resolve() == images["unlabeled"].resolve()
+
+    from scripts.training import prepare_data
+
+    data = prepare_data(out, val_fraction=0.0, semi_supervised=True)
+    by_image: dict[str, set[int]] = {}
+    for item in data["train"]:
+        by_image.setdefault(Path(item["image"]).stem, set()).add(int(item["z"]))
+    assert by_image == {"slicer": {1, 4}, "bundle": {2}, "listed": {0, 1, 2, 5}, "everything": set(range(6))}
+    assert len(data["unlabeled"]) == 3 * 6
+    with pytest.raises(ValueError, match="outside slices"):
+        td.parse_annotated_spec("3-9", 6)
+
+
+def test_working_bundle_keeps_trained_weights(tmp_path: Path) -> None:
+    """The app's copy of the bundle: code refreshed at every start, trained weights kept."""
+    path = REPO / "monailabel" / "lib" / "bundle_copy.py"
+    spec = importlib.util.spec_from_file_location("cryosxt_monailabel_bundle_copy", path)
+    bundle_copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle_copy)
+
+    source = tmp_path / "bundle"
+    for name, text in (("configs/metadata.json", '{"name": "demo"}'), ("configs/inference.json", "{}"),
+                       ("scripts/__init__.py", ""), ("scripts/a.py", "A = 1\n"), ("models/model.pt", "v1")):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text)
+    dest = bundle_copy.prepare_working_bundle(source, tmp_path / "app" / "model")
+    assert dest == tmp_path / "app" / "model" / "demo"
+    assert (dest / "scripts" / "a.py").read_text() == "A = 1\n"
+    assert (dest / "models" / "model.pt").read_text() == "v1"
+
+    (dest / "models" / "model.pt").write_text("trained")  # what a MONAI Label training run leaves
+    (dest / "scripts" / "stale.py").write_text("")
+    (source / "scripts" / "a.py").write_text("A = 2\n")
+    (source / "models" / "model.pt").write_text("v2")
+    bundle_copy.prepare_working_bundle(source, tmp_path / "app" / "model")
+    assert (dest / "scripts" / "a.py").read_text() == "A = 2\n"
+    assert not (dest / "scripts" / "stale.py").exists()
+    assert (dest / "models" / "model.pt").read_text() == "trained"
+    bundle_copy.prepare_working_bundle(source, tmp_path / "app" / "model", reset_weights=True)
+    assert (dest / "models" / "model.pt").read_text() == "v2"
+    with pytest.raises(bundle_copy.BundleError):
+        bundle_copy.prepare_working_bundle(tmp_path / "app", tmp_path / "elsewhere")
