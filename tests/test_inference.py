@@ -154,3 +154,26 @@ def test_torchrun_splits_tomograms_across_two_processes(tmp_path, weights):
     assert [Path(s["tomogram"]).name for s in summaries] == ["t0.mrc", "t1.mrc", "t2.mrc"]
     assert "rank 1/2" in result.stdout + result.stderr
     assert len((out / "summary.csv").read_text().splitlines()) == 4
+
+
+def test_shipped_weights_segment_a_simulated_tomogram(tmp_path):
+    """The README's path: simulate, segment with bundle/models/model.pt, compare with the exact labels."""
+    from scripts.simulate import main as simulate
+
+    simulate(out=str(tmp_path / "data"), count=1, shape="16,160,160", seed=21, tilt_step_deg=2)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
+        "--dataset_dir", str(tmp_path / "data" / "images"), "--output_dir", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (label_path,) = sorted((tmp_path / "data" / "labels").glob("*.mrc"))
+    with mrcfile.open(label_path) as gt_file, mrcfile.open(out / f"{label_path.stem}_mask.mrc") as pred_file:
+        truth, pred = np.asarray(gt_file.data) > 0, np.asarray(pred_file.data) > 0
+        assert pred.shape == truth.shape
+        assert pred_file.voxel_size == gt_file.voxel_size
+    assert tifffile.imread(out / f"{label_path.stem}_mask.tif").shape == truth.shape
+    dice = 2 * (truth & pred).sum() / (truth.sum() + pred.sum())
+    # Measured 0.677 with the shipped weights; marking everything as membrane gives about 0.19.
+    assert dice > 0.5, f"Dice {dice:.3f}"
