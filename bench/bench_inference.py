@@ -41,12 +41,13 @@ from scripts.networks import DoubleDecoderNet  # noqa: E402
 from scripts.predict import SlicePredictor  # noqa: E402
 
 TRAINED = BUNDLE / "models" / "model.pt"
-LEVELS = ("eager", "channels_last", "fusion", "fused", "compile", "onnxruntime")
+LEVELS = ("eager", "channels_last", "fusion", "fused", "reuse", "compile", "onnxruntime")
 LEVEL_NAMES = {
     "eager": "eager NCHW",
     "channels_last": "channels_last",
     "fusion": "+fusion (BN fold, merges)",
     "fused": "+oneDNN conv+ReLU",
+    "reuse": "+reused buffers (default)",
     "compile": "+torch.compile",
     "onnxruntime": "onnxruntime",
 }
@@ -96,6 +97,13 @@ def count_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
+def float64_reference(net: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """The eager network in float64 on the benchmark input: which float32 masks are right."""
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=shape))
+    with torch.inference_mode():
+        return copy.deepcopy(net).double()(x).float()
+
+
 def onnx_runner(net: nn.Module, shape: tuple[int, ...], threads: int) -> Runner:
     import onnxruntime as ort
 
@@ -129,6 +137,8 @@ def build_level(
         model, inp = fuse_for_inference(net, onednn=False), cl
     elif level == "fused":
         model, inp = fuse_for_inference(net), cl
+    elif level == "reuse":
+        model, inp = fuse_for_inference(net, reuse_buffers=True), cl
     elif level == "compile":
         model = torch.compile(fuse_for_inference(net), dynamic=False, options={"freezing": True})
         inp = cl
@@ -148,6 +158,7 @@ def bench_width(width: int, shape: tuple[int, ...], levels: list[str], repeats: 
     header(f"width {width}, slice {shape[2]} x {shape[3]}, batch {shape[0]}:"
            f" {flops / 1e9:.1f} GFLOP; {weights}")
     built, reference = {}, None
+    exact = float64_reference(net, shape) if width <= 16 else None
     for level in levels:
         try:
             model, inp, seconds = build_level(level, net, shape)
@@ -162,7 +173,12 @@ def bench_width(width: int, shape: tuple[int, ...], levels: list[str], repeats: 
         flips = int(((out > 0) != (reference > 0)).sum())
         built[level] = (model, inp, seconds, diff, flips)
         note = f" (build {seconds:.1f} s)" if seconds > 1 else ""
-        print(f"  built {LEVEL_NAMES[level]}{note}: max |diff| {diff:.1e}, mask mismatches {flips}")
+        versus = ""
+        if exact is not None:
+            wrong = int(((out > 0) != (exact > 0)).sum())
+            versus = f"; float64: {(out - exact).abs().max().item():.1e}, {wrong}"
+        name = LEVEL_NAMES[level] + note
+        print(f"  built {name}: max |diff|, mask mismatches vs eager: {diff:.1e}, {flips}{versus}")
     times: dict[str, list[float]] = {level: [] for level in built}
     with torch.inference_mode():
         for _ in range(repeats):
@@ -364,7 +380,7 @@ SETTINGS = {
 
 def child_time(width: int, shape: tuple[int, ...], repeats: int) -> None:
     """Run in a fresh process (these settings are read at start-up): best fused forward time."""
-    net = fuse_for_inference(network(width))
+    net = fuse_for_inference(network(width), reuse_buffers=True)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         net(x)

@@ -64,6 +64,34 @@ def test_fused_keras_fixture_weights_match_eager(fixtures_dir):
         assert (f_image - image).abs().max() < 1e-4 * (1 + image.abs().max())
 
 
+def test_reused_buffers_give_the_same_outputs_call_after_call():
+    net = _randomised(4, "both", seed=5)
+    fused = fuse_for_inference(net, reuse_buffers=True)
+    rng = np.random.default_rng(2)
+    shapes = [(1, 1, 48, 64), (1, 1, 48, 64), (2, 1, 32, 40)]
+    inputs = [torch.from_numpy(rng.normal(size=shape).astype(np.float32)) for shape in shapes]
+    with torch.inference_mode():
+        first = fused(inputs[0])
+        kept = [t.clone() for t in first]
+        outs = [fused(x) for x in inputs[1:]] + [fused(inputs[0])]
+    for a, b in zip(first, kept, strict=True):
+        assert torch.equal(a, b)  # a later call did not overwrite an earlier result
+    with torch.no_grad():  # buffers made in inference mode are not reused outside it
+        again = fused(inputs[0])
+        eager = [net(x) for x in inputs[1:]]
+    for got, ref in zip(outs[:2], eager, strict=True):
+        _assert_same(ref, got, atol=1e-5)
+    for a, b in zip(again, first, strict=True):
+        assert (a - b).abs().max() < 1e-6
+    buffers = [m.buffer for m in fused.modules() if hasattr(m, "buffer")]
+    assert buffers and all(b.tensor is not None for b in buffers)
+    # A memory budget caps what is kept; results stay the same.
+    capped = fuse_for_inference(net, reuse_buffers=True, buffer_limit=0)
+    with torch.no_grad():
+        _assert_same(capped(inputs[0]), again, atol=1e-6)
+    assert all(m.buffer.tensor is None for m in capped.modules() if hasattr(m, "buffer"))
+
+
 def test_fusion_leaves_the_original_network_alone():
     net = _randomised(2, "both").train()
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -244,6 +244,7 @@ class FusedResidual(nn.Module):
         chain[-1] = _affine_after(chain[-1], scale[cin:], shift[cin:])
         self.second = LinearStack(chain, relu=True, max_ratio=max_ratio)
         self.in_channels = cin
+        self.buffer = OutputBuffer()
         self.register_buffer("scale", scale[:cin].float().reshape(1, -1, 1, 1))
         self.register_buffer("shift", shift[:cin].float().reshape(1, -1, 1, 1))
 
@@ -255,17 +256,57 @@ class FusedResidual(nn.Module):
             return torch.cat([F.relu(torch.addcmul(shift, x, scale)), h.to(dtype)], dim=1)
         # One output buffer: the affine part is written straight into it (no cat of fresh copies).
         n, _, height, width = x.shape
-        out = torch.empty(
-            (n, self.in_channels + h.shape[1], height, width),
-            dtype=dtype,
-            device=h.device,
-            memory_format=_memory_format(x),
-        )
+        out = self.buffer.get((n, self.in_channels + h.shape[1], height, width), dtype, x)
         head = out[:, : self.in_channels]
         torch.addcmul(shift, x, scale, out=head)
         head.relu_()
         out[:, self.in_channels :].copy_(h)
         return out
+
+
+class BufferBudget:
+    """Bytes that the kept output buffers of one fused network may hold together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+class OutputBuffer:
+    """The output tensor of one module, optionally kept for its next call (same shape) on the CPU.
+
+    Fresh large CPU tensors are paid for in page faults (the kernel maps and zeroes every page: about
+    a fifth of the fused network's time at width 8 to 16); reusing them trades that for memory held
+    between calls (1.35 GiB at width 8 on 1328 x 1296 slices, 2.7 at width 16, 10.8 at width 64: the
+    shared ``budget`` caps it). Only safe while each module's previous output is dead when it runs
+    again, true inside this network; not for concurrent calls.
+    """
+
+    def __init__(self, budget: BufferBudget | None = None) -> None:
+        self.budget = budget
+        self.tensor: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+        fmt = _memory_format(like)
+        t = self.tensor
+        if t is not None and t.shape == shape and t.dtype == dtype and t.device == like.device:
+            # An inference-mode tensor cannot be written outside inference mode.
+            if t.is_contiguous(memory_format=fmt) and t.is_inference() == torch.is_inference_mode_enabled():
+                return t
+        self._release()
+        t = torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
+        budget = self.budget
+        size = t.numel() * t.element_size()
+        if budget is not None and like.device.type == "cpu" and not torch.compiler.is_compiling():
+            if budget.used + size <= budget.limit:
+                budget.used += size
+                self.tensor = t
+        return t
+
+    def _release(self) -> None:
+        if self.tensor is not None and self.budget is not None:
+            self.budget.used -= self.tensor.numel() * self.tensor.element_size()
+        self.tensor = None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -304,56 +345,56 @@ def _branch(branch: NeckBranch, max_ratio: float) -> nn.Sequential:
 
 
 class FusedUp(nn.Module):
-    """The decoder's 3x3 stride-2 transposed conv ('same': output exactly 2H x 2W) as a sub-pixel conv.
+    """The decoder's 3x3 stride-2 transposed conv ('same': output exactly 2H x 2W) as four small convs.
 
-    Output pixel (2m + py, 2n + px) sees input rows m - 1, m (taps 2, 0) when py = 0 and row m (tap 1)
-    when py = 1, likewise for columns: one ordinary 2x2 conv to 4 x cout channels (one per phase, zero
-    taps where a phase sees fewer inputs) then a pixel shuffle, written straight into the buffer that
-    also holds the skip. oneDNN's transposed conv is several times slower on CPU.
+    Output pixel (2m + py, 2n + px) sees input rows m - 1, m through kernel rows 2, 0 when py = 0 and
+    row m through kernel row 1 when py = 1, likewise for columns. So each of the four output phases is
+    an ordinary conv (2x2, 2x1, 1x2, 1x1: the transposed conv's 9 taps, no zero taps), written straight
+    into the buffer that also holds the skip. oneDNN's transposed conv is 1.5-3x slower on CPU.
     """
+
+    _TAPS = {0: (2, 0), 1: (1,)}  # phase -> kernel indices for input offsets (-1, 0) or (0,)
 
     def __init__(self, conv: nn.ConvTranspose2d) -> None:
         super().__init__()
-        weight = conv.weight.detach().double()  # (cin, cout, 3, 3)
-        cin, cout = weight.shape[:2]
-        phases = torch.zeros(cout, 2, 2, cin, 2, 2, dtype=torch.float64)
-        taps = {0: {0: 2, 1: 0}, 1: {1: 1}}  # phase -> {tap (0: offset -1, 1: offset 0): kernel index}
-        for py, rows in taps.items():
-            for px, cols in taps.items():
-                for ty, ky in rows.items():
-                    for tx, kx in cols.items():
-                        phases[:, py, px, :, ty, tx] = weight[:, :, ky, kx].t()
-        self.out_channels = cout
-        self.weight = nn.Parameter(phases.reshape(4 * cout, cin, 2, 2).float(), requires_grad=False)
-        self.bias = nn.Parameter(conv.bias.detach().repeat_interleave(4).clone(), requires_grad=False)
+        weight = conv.weight.detach()  # (cin, cout, 3, 3)
+        self.out_channels = weight.shape[1]
+        self.buffer = OutputBuffer()
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.phases = nn.ParameterList()
+        for rows in self._TAPS.values():
+            for cols in self._TAPS.values():
+                phase = weight[:, :, list(rows)][:, :, :, list(cols)].transpose(0, 1).contiguous()
+                self.phases.append(nn.Parameter(phase, requires_grad=False))
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        n, _, height, width = x.shape
-        # Symmetric padding 1 then dropping the last row and column = padding the top and left only.
+    def _phase(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        weight = self.phases[i]
+        # Two taps look one row/column up or left: pad 1 on both sides and drop the extra last one.
+        padding = [weight.shape[2] - 1, weight.shape[3] - 1]
         if _use_onednn(x):
             ones = [1, 1]
             y = torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, ones, ones, ones, 1, "none", [], ""
+                x, weight, self.bias, padding, ones, ones, 1, "none", [], ""
             )
         else:
-            y = F.conv2d(x, self.weight, self.bias, padding=1)
-        y = y[..., :height, :width]
+            y = F.conv2d(x, weight, self.bias, padding=padding)
+        return y[..., : x.shape[2], : x.shape[3]]
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        n, _, height, width = x.shape
+        phases = [self._phase(x, i) for i in range(4)]  # (py, px) = (0, 0), (0, 1), (1, 0), (1, 1)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            up = F.pixel_shuffle(y, 2)
+            rows = [torch.stack(phases[2 * py : 2 * py + 2], dim=-1).flatten(-2) for py in range(2)]
+            up = torch.stack(rows, dim=-2).flatten(-3, -2)
             return up if skip is None else torch.cat([skip, up.to(skip.dtype)], dim=1)
         skip_channels = 0 if skip is None else skip.shape[1]
-        dtype = y.dtype if skip is None else torch.promote_types(y.dtype, skip.dtype)
-        out = torch.empty(
-            (n, skip_channels + self.out_channels, 2 * height, 2 * width),
-            dtype=dtype,
-            device=x.device,
-            memory_format=_memory_format(x),
-        )
+        dtype = phases[0].dtype if skip is None else torch.promote_types(phases[0].dtype, skip.dtype)
+        out = self.buffer.get((n, skip_channels + self.out_channels, 2 * height, 2 * width), dtype, x)
         if skip is not None:
             out[:, :skip_channels].copy_(skip)
-        # (n, cout * 4, h, w) -> (n, cout, h, py, w, px) into the (n, cout, 2h, 2w) part of the buffer
-        phases = y.unflatten(1, (self.out_channels, 2, 2)).permute(0, 1, 4, 2, 5, 3)
-        out[:, skip_channels:].unflatten(2, (height, 2)).unflatten(4, (width, 2)).copy_(phases)
+        up = out[:, skip_channels:]
+        for i, phase in enumerate(phases):
+            up[..., i // 2 :: 2, i % 2 :: 2].copy_(phase)
         return out
 
 
@@ -418,20 +459,34 @@ class FusedDoubleDecoderNet(nn.Module):
 
 @torch.no_grad()
 def fuse_for_inference(
-    net: DoubleDecoderNet, channels_last: bool = True, max_ratio: float = 1.0, onednn: bool = True
+    net: DoubleDecoderNet,
+    channels_last: bool = True,
+    max_ratio: float = 1.0,
+    onednn: bool = True,
+    reuse_buffers: bool = False,
+    buffer_limit: int = 4 << 30,
 ) -> FusedDoubleDecoderNet:
     """A fused, eval-only copy of ``net`` on ``net``'s device; ``net`` itself is not modified.
 
-    ``max_ratio`` > 1 also merges linear convs whose merged kernel costs up to that many times the
-    separate convs' multiply-adds (fewer, larger convs can win where small ones are memory-bound).
+    Args:
+        net: the network (any mode: BNs are folded with their running statistics).
+        channels_last: weights and activations in channels_last (NHWC) memory format.
+        max_ratio: also merge linear convs whose merged kernel costs up to this many times the separate
+            convs' multiply-adds (1: only merges that save work; more was slower where measured).
+        onednn: on CPU, run convs through oneDNN with the ReLU as a post-op.
+        reuse_buffers: on CPU, keep the concatenation buffers between calls (see :class:`OutputBuffer`),
+            at most ``buffer_limit`` bytes of them (the first ones a forward pass creates).
     """
     # Folding uses the running statistics: the copy is the eval-mode network whatever net's mode.
     fused = FusedDoubleDecoderNet(net, max_ratio=max_ratio).eval()
     device = next(net.parameters()).device
     fused = fused.to(device)
+    budget = BufferBudget(buffer_limit) if reuse_buffers else None
     for module in fused.modules():
         if isinstance(module, FusedConv):
             module.onednn = onednn
+        if isinstance(module, (FusedResidual, FusedUp)):
+            module.buffer = OutputBuffer(budget)
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
         fused.channels_last = True

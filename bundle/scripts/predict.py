@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class SlicePredictor:
         fuse: run a fused inference-only copy of a ``DoubleDecoderNet`` (see ``scripts.fusion``).
         compile: ``torch.compile`` the network at the first batch (minutes on a small CPU; pays off
             for long tomograms; each new slice shape compiles again).
+        reuse_buffers: on CPU, the fused network keeps its concatenation buffers between slices
+            (faster: no page faults on fresh memory; costs about 1.4 GB at width 8 on 1328 x 1296).
 
     ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
     :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.
@@ -91,6 +94,7 @@ class SlicePredictor:
         channels_last: bool = True,
         fuse: bool = True,
         compile: bool = False,
+        reuse_buffers: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
@@ -103,7 +107,9 @@ class SlicePredictor:
         self.channels_last = as_bool(channels_last, "channels_last")
         self.fuse = as_bool(fuse, "fuse")
         self.compile = as_bool(compile, "compile")
+        self.reuse_buffers = as_bool(reuse_buffers, "reuse_buffers")
         self._model: nn.Module | None = None
+        self._lock = threading.Lock()  # the fused network's reused buffers allow one call at a time
         # Slices stacked along the first axis are "channels" here: channel-wise = per slice.
         self.normalize = NormalizeIntensity(channel_wise=True, dtype=np.float32)
 
@@ -122,7 +128,8 @@ class SlicePredictor:
         start = time.perf_counter()
         model = self.network
         if self.fuse and isinstance(model, DoubleDecoderNet):
-            model = fuse_for_inference(model, channels_last=self.channels_last)
+            reuse = self.reuse_buffers and self.device.type == "cpu"
+            model = fuse_for_inference(model, channels_last=self.channels_last, reuse_buffers=reuse)
         elif self.channels_last:
             # A copy: the caller's network (maybe still training) keeps its layout.
             model = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -151,7 +158,7 @@ class SlicePredictor:
         variants = DIHEDRAL if self.tta else DIHEDRAL[:1]
         labels, images = [], []
         autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp)
-        with autocast:
+        with self._lock, autocast:
             for k, flip in variants:
                 label, image = self._forward(_dihedral(batch, k, flip))
                 labels.append(_dihedral_inverse(label.float(), k, flip))
