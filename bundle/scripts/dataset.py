@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -49,20 +49,34 @@ class LabeledVolume:
     annotated_slices: list[int]
 
 
+def parse_slice_ranges(tokens: Iterable[object], n_slices: int) -> list[int]:
+    """Sorted z indices from tokens that are ints or inclusive ranges ``a-b``.
+
+    Raises ValueError naming the bad token; callers add where it came from.
+    """
+    found: set[int] = set()
+    for token in tokens:
+        first, _, last = str(token).strip().partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"{token!r} is not a slice index or range a-b") from None
+        if not 0 <= lo <= hi < n_slices:
+            raise ValueError(f"{token!r} outside slices 0..{n_slices - 1}")
+        found.update(range(lo, hi + 1))
+    return sorted(found)
+
+
 def read_slice_list(path: str | os.PathLike, n_slices: int) -> list[int]:
     """Parse a sidecar of z indices: ints or inclusive ranges ``a-b``, by line/comma/space, ``#`` comments."""
     path = Path(path)
     found: set[int] = set()
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        for token in line.split("#", 1)[0].replace(",", " ").split():
-            try:
-                first, _, last = token.partition("-")
-                lo, hi = int(first), int(last or first)
-            except ValueError:
-                raise VolumeError(f"{path}, line {lineno}: {token!r} is not a slice index or range") from None
-            if not 0 <= lo <= hi < n_slices:
-                raise VolumeError(f"{path}, line {lineno}: {token!r} outside slices 0..{n_slices - 1}")
-            found.update(range(lo, hi + 1))
+        tokens = line.split("#", 1)[0].replace(",", " ").split()
+        try:
+            found.update(parse_slice_ranges(tokens, n_slices))
+        except ValueError as err:
+            raise VolumeError(f"{path}, line {lineno}: {err}") from None
     return sorted(found)
 
 
@@ -138,8 +152,10 @@ def _labeled_volume(image_path: Path, label_path: Path) -> LabeledVolume:
         warnings.simplefilter("ignore")  # labels often carry no voxel size; the image's is what counts
         label = open_volume(label_path, allow_2d=True, check_finite=False)
     if label.shape != image.shape:
-        raise VolumeError(f"label {label_path} has shape {label.shape} but image {image_path} has shape "
-                          f"{image.shape}; they must match")
+        raise VolumeError(
+            f"label {label_path} has shape {label.shape} but image {image_path} has shape "
+            f"{image.shape}; they must match"
+        )
     sidecar = label_path.with_name(volume_stem(label_path) + SIDECAR_SUFFIX)
     candidates = read_slice_list(sidecar, label.shape[0]) if sidecar.is_file() else None
     return LabeledVolume(image_path, label_path, annotated_slices(label.data, candidates))

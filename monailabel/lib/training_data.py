@@ -48,18 +48,13 @@ def parse_annotated_spec(spec: Any, n_slices: int) -> list[int] | str:
         return "auto"
     if isinstance(spec, str) and spec.strip().lower() == "all":
         return "all"
+    from scripts.dataset import parse_slice_ranges
+
     tokens: Iterable[Any] = spec if isinstance(spec, (list, tuple)) else str(spec).replace(",", " ").split()
-    found: set[int] = set()
-    for token in tokens:
-        first, _, last = str(token).strip().partition("-")
-        try:
-            lo, hi = int(first), int(last or first)
-        except ValueError:
-            raise ValueError(f"{ANNOTATED_KEY}: {token!r} is not a slice index or range a-b") from None
-        if not 0 <= lo <= hi < n_slices:
-            raise ValueError(f"{ANNOTATED_KEY}: {token!r} outside slices 0..{n_slices - 1}")
-        found.update(range(lo, hi + 1))
-    return sorted(found)
+    try:
+        return parse_slice_ranges(tokens, n_slices)
+    except ValueError as err:
+        raise ValueError(f"{ANNOTATED_KEY}: {err}") from None
 
 
 def scan_label(data: np.ndarray) -> tuple[bool, list[int]]:
