@@ -239,6 +239,71 @@ def bench_predictor(width: int, shape: tuple[int, ...], repeats: int) -> None:
           f"max |diff| {(first - second).abs().max().item():.1e}")  # fmt: skip
 
 
+def bench_layers(width: int, shape: tuple[int, ...]) -> None:
+    """Where the fused network's time goes: convs and upsampling per resolution level, and the rest."""
+    from scripts.fusion import FusedConv, FusedUp
+
+    header(f"time per resolution level, fused width {width}, slice {shape[2]} x {shape[3]}")
+    fused = fuse_for_inference(network(width), reuse_buffers=True)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    seconds: dict[tuple[str, int], float] = {}
+    flops: dict[tuple[str, int], float] = {}
+
+    def before(module: nn.Module, _inputs: tuple) -> None:
+        module.started = time.perf_counter()
+
+    def after(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        level = round(np.log2(shape[2] / out.shape[2]))
+        pixels = out.shape[0] * out.shape[2] * out.shape[3]
+        if isinstance(module, FusedUp):  # 9 taps over 4 output phases: 9 / 4 MACs per output pixel
+            kind, work = "up", 2 * inputs[0].shape[1] * module.out_channels * 9 * pixels / 4
+        else:
+            kind, work = "conv", 2 * module.macs * pixels
+        key = (kind, level)
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - module.started
+        flops[key] = flops.get(key, 0.0) + work
+
+    with torch.inference_mode():
+        fused(x)  # warm-up, before the hooks
+        timed = [m for m in fused.modules() if isinstance(m, (FusedConv, FusedUp))]
+        hooks = [m.register_forward_pre_hook(before) for m in timed]
+        hooks += [m.register_forward_hook(after) for m in timed]
+        start = time.perf_counter()
+        fused(x)
+        total = time.perf_counter() - start
+        for hook in hooks:
+            hook.remove()
+    print(f"  whole forward {total:.2f} s, of which")
+    columns = ("part", "level", "size", "seconds", "% time", "GFLOP", "GFLOP/s")
+    print("  " + " ".join(f"{c:>{n}s}" for c, n in zip(columns, (5, 5, 11, 7, 6, 6, 7), strict=True)))
+    for kind, level in sorted(seconds):
+        key = (kind, level)
+        size = f"{shape[2] >> level}x{shape[3] >> level}"
+        rate = flops[key] / seconds[key] / 1e9
+        print(f"  {kind:>5s} {level:5d} {size:>11s} {seconds[key]:7.2f} {100 * seconds[key] / total:5.1f}% "
+              f"{flops[key] / 1e9:6.1f} {rate:7.1f}")  # fmt: skip
+    rest = total - sum(seconds.values())
+    print(f"  the rest (concatenation copies, affine + ReLU of block inputs, pooling, padding, tanh): "
+          f"{rest:.2f} s ({100 * rest / total:.1f}%)")  # fmt: skip
+    print(f"  (conv GFLOP: the fused convs' own work; up: upsampling incl. copying into the skip buffer; "
+          f"{load()})")  # fmt: skip
+
+
+def bench_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Best copy rate in GB/s (bytes read + written) of a large float32 tensor, all threads."""
+    a = torch.randn(megabytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = min(_timed(lambda: b.copy_(a)) for _ in range(repeats))
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def _timed(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
 # ------------------------------------------------------------------------------------------ slices to use
 _SLICE_CACHE = Path(tempfile.gettempdir()) / "cryosxt_bench_slice.npy"
 
@@ -300,22 +365,38 @@ def write_mrc(path: Path, shape: tuple[int, int, int], slices: np.ndarray) -> No
         mrc.voxel_size = 10.0
 
 
-def run_inference(data: Path, out: Path, weights: Path, width: int, *extra: str) -> tuple[float, float, int]:
-    """(seconds, peak RSS in MiB of that child alone, return code) of the real bundle command."""
+def run_inference(data: Path, out: Path, weights: Path, width: int, *extra: str) -> tuple[float, dict, int]:
+    """(seconds, peak memory figures in MiB, return code) of the real bundle command.
+
+    Peaks: ``rss`` (kernel's high-water mark of the whole resident set), ``anon`` (anonymous memory:
+    what the process really holds) and ``file`` (pages of memory-mapped files, which the kernel can drop
+    at any time), the last two sampled from /proc every 50 ms.
+    """
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "inference",
         "--config_file", str(BUNDLE / "configs" / "inference.json"), "--dataset_dir", str(data),
         "--output_dir", str(out), "--weights", str(weights), "--width", str(width), *extra,
     ]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN keeps a running max)
-    seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        print(stderr.decode(errors="replace")[-2000:])
-    return seconds, usage.ru_maxrss / 1024, code
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        peaks = {"rss": 0.0, "anon": 0.0, "file": 0.0}
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+            except (OSError, ValueError):
+                break
+            for key, name in (("rss", "VmHWM"), ("anon", "RssAnon"), ("file", "RssFile")):
+                if name in fields:
+                    peaks[key] = max(peaks[key], int(fields[name].split()[0]) / 1024)
+            time.sleep(0.05)
+        code = proc.wait()
+        seconds = time.perf_counter() - start
+        if code != 0:
+            stderr.seek(0)
+            print(stderr.read().decode(errors="replace")[-2000:])
+    return seconds, peaks, code
 
 
 def weights_file(folder: Path, width: int) -> Path:
@@ -332,7 +413,8 @@ def bench_memory(counts: list[int], side: int, width: int) -> None:
         tmp = Path(tmp)
         weights = weights_file(tmp, width)
         slices = realistic_slices(side, side, count=4)
-        print(f"  {'slices':>6s} {'input MiB':>9s} {'seconds':>8s} {'slices/s':>8s} {'peak RSS MiB':>12s}")
+        print(f"  {'slices':>6s} {'input MiB':>9s} {'seconds':>8s} {'slices/s':>8s} {'peak RSS':>8s} "
+              f"{'anon':>6s} {'file':>6s}  (MiB)")  # fmt: skip
         peaks = []
         for count in counts:
             data, out = tmp / f"in_{count}", tmp / f"out_{count}"
@@ -340,9 +422,10 @@ def bench_memory(counts: list[int], side: int, width: int) -> None:
             write_mrc(data / "tomo.mrc", (count, side, side), slices)
             seconds, peak, code = run_inference(data, out, weights, width)
             size = count * side * side * 4 / 2**20
-            peaks.append(peak)
+            peaks.append(peak["rss"])
             status = "" if code == 0 else f"  FAILED (exit {code})"
-            print(f"  {count:6d} {size:9.1f} {seconds:8.1f} {count / seconds:8.2f} {peak:12.0f}{status}")
+            print(f"  {count:6d} {size:9.1f} {seconds:8.1f} {count / seconds:8.2f} {peak['rss']:8.0f} "
+                  f"{peak['anon']:6.0f} {peak['file']:6.0f}{status}")  # fmt: skip
         print(f"  peak RSS spread: {max(peaks) - min(peaks):.0f} MiB over a {counts[-1] / counts[0]:.0f}x "
               f"deeper input ({load()})")  # fmt: skip
 
@@ -365,7 +448,9 @@ def bench_big(depth: int, height: int, width_px: int, z_range: tuple[int, int] |
               f"({seconds / done:.2f} s/slice with start-up), exit {code}")  # fmt: skip
         if z_range:
             print(f"  whole tomogram estimate: {seconds / done * depth / 60:.0f} min")
-        print(f"  peak RSS {peak:.0f} MiB for a {nbytes / 2**20:.0f} MiB input ({load()})")
+        print(f"  peak RSS {peak['rss']:.0f} MiB (anonymous {peak['anon']:.0f}, "
+              f"mapped files {peak['file']:.0f}) for a {nbytes / 2**20:.0f} MiB input "
+              f"({load()})")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- (f) settings
@@ -419,7 +504,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--only", choices=["speed", "memory", "seams", "big"], action="append",
+    parser.add_argument("--only", choices=["speed", "layers", "memory", "seams", "big"], action="append",
                         help="run only these sections (repeatable); default: all but big")
     parser.add_argument("--size", type=parse_size, default=(1328, 1296), help="slice HxW for speed")
     parser.add_argument("--widths", default="8,16,64", help="network widths for speed")
@@ -446,7 +531,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = set(args.only or ["speed", "memory", "seams"]) | ({"big"} if args.big else set())
+    sections = set(args.only or ["speed", "layers", "memory", "seams"]) | ({"big"} if args.big else set())
     if args.no_seams:
         sections.discard("seams")
     cpu = platform.processor() or platform.machine()
@@ -471,6 +556,10 @@ def main() -> None:
             bench_bf16(8, (1, 1, height, width_px), repeats=2)
             bench_predictor(8, (2, 1, height, width_px), repeats=2)
             bench_settings(8, args.size, args.settings_rounds)
+    if "layers" in sections:
+        print(f"  memory copy bandwidth {bench_bandwidth():.1f} GB/s (read + write)")
+        for width in (int(w) for w in args.widths.split(",")):
+            bench_layers(width, (1, 1, *args.size))
     if "memory" in sections:
         bench_memory([int(c) for c in args.memory_slices.split(",")], args.memory_side, 8)
     if "seams" in sections:

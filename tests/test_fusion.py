@@ -39,12 +39,14 @@ def _assert_same(eager, fused, atol: float) -> None:
 
 @pytest.mark.parametrize("outputs", ["label", "both", "image"])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_fused_random_network_matches_eager(outputs, channels_last):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_fused_random_network_matches_eager(outputs, channels_last, reuse):
     net = _randomised(4, outputs)
-    fused = fuse_for_inference(net, channels_last=channels_last)
+    fused = fuse_for_inference(net, channels_last=channels_last, reuse_buffers=reuse)
     x = torch.randn(2, 1, 45, 77)  # not multiples of 16: the network's own padding and crop
-    with torch.no_grad():
+    with torch.inference_mode():
         eager, got = net(x), fused(x)
+        got = fused(x) if reuse else got  # the second call runs on kept tensors
     _assert_same(eager, got, atol=1e-5)
     label_eager = eager if outputs == "label" else eager[0]
     label_got = got if outputs == "label" else got[0]
@@ -85,11 +87,13 @@ def test_reused_buffers_give_the_same_outputs_call_after_call():
         assert (a - b).abs().max() < 1e-6
     buffers = [m.buffer for m in fused.modules() if hasattr(m, "buffer")]
     assert buffers and all(b.tensor is not None for b in buffers)
+    assert sum(len(waiting) for waiting in fused.pool.free.values()) > 0  # conv outputs kept for reuse
     # A memory budget caps what is kept; results stay the same.
     capped = fuse_for_inference(net, reuse_buffers=True, buffer_limit=0)
     with torch.no_grad():
         _assert_same(capped(inputs[0]), again, atol=1e-6)
     assert all(m.buffer.tensor is None for m in capped.modules() if hasattr(m, "buffer"))
+    assert not any(capped.pool.free.values())
 
 
 def test_fusion_leaves_the_original_network_alone():

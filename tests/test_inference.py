@@ -156,6 +156,35 @@ def test_torchrun_splits_tomograms_across_two_processes(tmp_path, weights):
     assert len((out / "summary.csv").read_text().splitlines()) == 4
 
 
+def test_torchrun_shares_the_slices_of_a_single_tomogram(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    volume = np.random.default_rng(4).normal(size=(7, 32, 40)).astype(np.float32)
+    _write_mrc(tomograms / "big.mrc", volume)
+    # 5 slices in batches of 2 split unevenly over the ranks; the 3D clean-up runs on the joined mask.
+    options = ["--slice_range", "[1,6]", "--probability", "uint8", "--min_object_voxels", "3"]
+    single = _run(tomograms, tmp_path / "single", weights, *options)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29532",
+        "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
+        "--dataset_dir", str(tomograms), "--output_dir", str(tmp_path / "shared"), "--weights", str(weights),
+        "--width", "4", *options,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharing slices" in result.stdout + result.stderr
+    for name in ("big_mask.mrc", "big_prob.mrc"):
+        with mrcfile.open(tmp_path / "single" / name) as a, mrcfile.open(tmp_path / "shared" / name) as b:
+            np.testing.assert_array_equal(b.data, a.data)
+            assert b.voxel_size == a.voxel_size
+    shared_tiff, single_tiff = (tifffile.imread(tmp_path / d / "big_mask.tif") for d in ("shared", "single"))
+    np.testing.assert_array_equal(shared_tiff, single_tiff)
+    summary = json.loads((tmp_path / "shared" / "big_summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["slices_segmented"] == [1, 6]
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir() if p.name.startswith(".")) == []
+
+
 def test_shipped_weights_segment_a_simulated_tomogram(tmp_path):
     """The README's path: simulate, segment with bundle/models/model.pt, compare with the exact labels."""
     from scripts.simulate import main as simulate

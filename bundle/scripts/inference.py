@@ -13,14 +13,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from scripts.atomic import PARTIAL_MARKER, atomic_output
 from scripts.options import as_bool
+from scripts.pages import release_pages, trim_heap
 from scripts.postprocess import PostProcessing
 from scripts.predict import SlicePrediction, SlicePredictor
+from scripts.ranks import join, leave, share_range, sum_over_ranks
 from scripts.volume_io import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
 
 __all__ = ["TomogramSegmenter", "InferenceError"]
@@ -55,6 +55,9 @@ class TomogramSegmenter:
         voxel_size_nm: overrides the header voxel size (float or (z, y, x)).
         overwrite: segment again even when outputs are complete.
         weights: name of the weights file, recorded in the summaries.
+        distribute: under torchrun, "tomograms" gives each rank whole tomograms, "slices" has all
+            ranks share each tomogram's slices (one large tomogram), "auto" picks "slices" when the
+            folder holds fewer tomograms than there are ranks.
     """
 
     def __init__(
@@ -71,12 +74,15 @@ class TomogramSegmenter:
         overwrite: bool = False,
         weights: str | os.PathLike | None = None,
         progress: bool = True,
+        distribute: str = "auto",
     ) -> None:
         unknown = [f for f in formats if f.lower() not in SUFFIXES]
         if unknown or not formats:
             raise ValueError(f"output formats must be among {sorted(SUFFIXES)}, got {list(formats)}")
         if probability in ("none", "null", "None", ""):
             probability = None
+        if distribute not in ("auto", "tomograms", "slices"):
+            raise ValueError(f"distribute must be 'auto', 'tomograms' or 'slices', got {distribute!r}")
         if probability not in (None, "uint8", "float16"):
             raise ValueError(f"probability must be null, 'uint8' or 'float16', got {probability!r}")
         reconstruction = as_bool(reconstruction, "reconstruction")
@@ -94,6 +100,7 @@ class TomogramSegmenter:
         self.overwrite = as_bool(overwrite, "overwrite")
         self.weights = str(weights) if weights is not None else None
         self.progress = progress
+        self.distribute = distribute
 
     # ----------------------------------------------------------------------------------- outputs
     def _outputs(self, stem: str) -> dict[str, list[Path]]:
@@ -117,12 +124,15 @@ class TomogramSegmenter:
             stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ one tomogram
-    def segment(self, path: str | os.PathLike) -> dict:
-        """Segment one tomogram and return its summary."""
+    def segment(self, path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict | None:
+        """Segment one tomogram and return its summary.
+
+        With ``world`` > 1 every rank calls this and the ranks share the tomogram's slices; rank 0
+        writes the outputs and returns the summary, the other ranks return None.
+        """
         start = time.perf_counter()
-        volume = open_volume(path, voxel_size_nm=self.voxel_size_nm)
+        volume = _open_on_all_ranks(path, self.voxel_size_nm, world)
         stem = volume_stem(volume.path)
-        self._remove_stale_partials(stem)
         depth = volume.data.shape[0]
         z0, z1 = (
             (0, depth)
@@ -132,16 +142,23 @@ class TomogramSegmenter:
         if z0 >= z1:
             raise VolumeError(f"{volume.path}: slice range {self.slice_range} is empty for {depth} slices")
         outputs = self._outputs(stem)
-        with ExitStack() as stack:
-            writers = {
-                kind: [stack.enter_context(self._writer(p, volume, kind)) for p in paths]
-                for kind, paths in outputs.items()
-                if kind != "mask" or not self.post.needs_volume
-            }
-            staged = self._staging(stack, volume, stem) if self.post.needs_volume else None
-            foreground = self._predict_all(volume, writers, staged, z0, z1)
-            if staged is not None:
-                foreground = self._finish_mask(volume, staged, outputs["mask"], stack)
+        if world > 1:
+            foreground = self._segment_shared(volume, stem, outputs, (z0, z1), rank, world)
+            if rank != 0:
+                return None
+        else:
+            self._remove_stale_partials(stem)
+            with ExitStack() as stack:
+                writers = {
+                    kind: [stack.enter_context(self._writer(p, volume, kind)) for p in paths]
+                    for kind, paths in outputs.items()
+                    if kind != "mask" or not self.post.needs_volume
+                }
+                staged = self._staging(stack, volume, stem) if self.post.needs_volume else None
+                foreground = self._predict_all(volume, writers, staged, (z0, z1), (0, depth))
+                if staged is not None:
+                    self.post.volume(staged)
+                    foreground = self._copy_staged(staged, outputs["mask"], volume, "mask", stack)
         summary = {
             "tomogram": str(volume.path),
             "shape": list(volume.data.shape),
@@ -153,6 +170,7 @@ class TomogramSegmenter:
             "seconds": round(time.perf_counter() - start, 3),
             "weights": self.weights,
             "device": str(self.predictor.device),
+            "ranks": world,
             "tta": self.predictor.tta,
             "postprocessing": {
                 "erosion_iterations": self.post.erosion_iterations,
@@ -165,8 +183,53 @@ class TomogramSegmenter:
             tmp.write_text(json.dumps(summary, indent=2))
         return summary
 
+    def _segment_shared(
+        self, volume: Volume, stem: str, outputs: dict, z_range: tuple[int, int], rank: int, world: int
+    ) -> int:
+        """All ranks predict their part of ``z_range`` into shared raw files; rank 0 writes the outputs.
+
+        Returns the foreground voxel count on rank 0 (0 elsewhere). Every step ends with a reduction over
+        the ranks, so an error on one rank stops all of them at the same point instead of hanging them.
+        """
+        raws = {kind: self.output_dir / f".{stem}_{kind}{PARTIAL_MARKER}shared.raw" for kind in outputs}
+        shape = volume.data.shape
+        staged: dict[str, np.memmap] = {}
+        with ExitStack() as stack:
+
+            def create_raw_files() -> None:
+                if rank == 0:
+                    self._remove_stale_partials(stem)
+                    for kind, raw in raws.items():
+                        stack.callback(raw.unlink, missing_ok=True)
+                        np.memmap(raw, dtype=self._dtype(kind), mode="w+", shape=shape).flush()  # zeros
+
+            def predict_my_part() -> None:
+                for kind, raw in raws.items():
+                    staged[kind] = np.memmap(raw, dtype=self._dtype(kind), mode="r+", shape=shape)
+                writers = {kind: [_StagedSink(array)] for kind, array in staged.items()}
+                part = share_range(*z_range, rank, world, multiple=self.batch_size)
+                self._predict_all(volume, writers, None, z_range, part)
+
+            _on_all_ranks(create_raw_files, volume.path)
+            _on_all_ranks(predict_my_part, volume.path)
+            foreground = 0
+
+            def write_outputs() -> None:
+                nonlocal foreground
+                self.post.volume(staged["mask"])
+                with ExitStack() as writers:  # closed (renamed into place) before the others go on
+                    for kind, paths in outputs.items():
+                        count = self._copy_staged(staged[kind], paths, volume, kind, writers)
+                        foreground = count if kind == "mask" else foreground
+
+            _on_all_ranks(write_outputs if rank == 0 else lambda: None, volume.path)
+        return foreground
+
+    def _dtype(self, kind: str) -> np.dtype:
+        return np.dtype({"mask": np.uint8, "prob": self.probability or "uint8"}.get(kind, np.float16))
+
     def _writer(self, path: Path, volume: Volume, kind: str) -> SliceWriter:
-        dtype = {"mask": np.uint8, "prob": np.dtype(self.probability or "uint8")}.get(kind, np.float16)
+        dtype = self._dtype(kind)
         return SliceWriter(path, volume.data.shape, dtype, voxel_size_nm=volume.voxel_size_nm, like=volume)
 
     def _staging(self, stack: ExitStack, volume: Volume, stem: str) -> np.memmap:
@@ -175,14 +238,25 @@ class TomogramSegmenter:
         stack.callback(raw.unlink, missing_ok=True)
         return np.memmap(raw, dtype=np.uint8, mode="w+", shape=volume.data.shape)
 
-    def _predict_all(self, volume: Volume, writers: dict, staged: np.memmap | None, z0: int, z1: int) -> int:
-        depth = volume.data.shape[0]
+    def _predict_all(
+        self,
+        volume: Volume,
+        writers: dict,
+        staged: np.memmap | None,
+        z_range: tuple[int, int],
+        extent: tuple[int, int],
+    ) -> int:
+        """Segment ``z_range`` and write the slices of ``extent`` (zeros outside the range)."""
+        z0, z1 = z_range
         foreground = 0
-        bar = tqdm(total=z1 - z0, desc=volume.path.name, unit="slice", disable=not self.progress, leave=False)
+        todo = max(0, min(z1, extent[1]) - max(z0, extent[0]))
+        bar = tqdm(total=todo, desc=volume.path.name, unit="slice", disable=not self.progress, leave=False)
         # Slices outside the range are written as zeros so that every output keeps the input's shape.
-        for start, stop in _blocks(0, depth, self.batch_size, z0, z1):
+        for start, stop in _blocks(*extent, self.batch_size, z0, z1):
             if start >= z0 and stop <= z1:
                 prediction = self.predictor.predict(np.asarray(volume.data[start:stop]))
+                release_pages(volume.data[start:stop])
+                trim_heap()
                 mask = self.post.slices(prediction.label.numpy())
                 bar.update(stop - start)
             else:
@@ -190,6 +264,7 @@ class TomogramSegmenter:
             foreground += int(mask.sum())
             if staged is not None:
                 staged[start:stop] = mask
+                release_pages(staged[start:stop])
             for kind, kind_writers in writers.items():
                 block = mask if kind == "mask" else self._block(kind, prediction, stop - start, volume)
                 for writer in kind_writers:
@@ -211,39 +286,46 @@ class TomogramSegmenter:
             return prediction.image.numpy().astype(np.float16)
         return prediction.variance.numpy().astype(np.float16)
 
-    def _finish_mask(self, volume: Volume, staged: np.memmap, paths: list[Path], stack: ExitStack) -> int:
-        self.post.volume(staged)
-        foreground = 0
-        writers = [stack.enter_context(self._writer(p, volume, "mask")) for p in paths]
+    def _copy_staged(
+        self, staged: np.memmap, paths: list[Path], volume: Volume, kind: str, stack: ExitStack
+    ) -> int:
+        """Stream a staged raw volume into its output files; returns its sum (the mask's foreground)."""
+        writers = [stack.enter_context(self._writer(p, volume, kind)) for p in paths]
+        total = 0
         for start in range(0, staged.shape[0], self.batch_size):
             block = np.asarray(staged[start : start + self.batch_size])
-            foreground += int(block.sum())
+            total += int(block.sum(dtype=np.int64)) if kind == "mask" else 0
             for writer in writers:
                 writer.write(start, block)
-        return foreground
+            release_pages(staged[start : start + self.batch_size])
+        return total
 
     # ---------------------------------------------------------------------------------- a folder
     def run(self, tomograms: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
-        """Segment a folder of tomograms (or a list of files); with torchrun, ranks share them.
+        """Segment a folder of tomograms (or a list of files); with torchrun, ranks share the work.
 
         Unreadable tomograms are reported by name and skipped; :class:`InferenceError` is raised at the
         end if any failed, after the others are done.
         """
-        rank, world = _distributed()
+        rank, world = join()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(tomograms, (str, os.PathLike)):
             paths = find_volumes(tomograms)
         else:
             paths = [Path(p) for p in tomograms]
-        mine = paths[rank::world]
+        share_slices = world > 1 and (
+            self.distribute == "slices" or (self.distribute == "auto" and len(paths) < world)
+        )
+        mine, ranks = (paths, (rank, world)) if share_slices else (paths[rank::world], (0, 1))
         logger.info(
-            "segmenting %d of %d tomograms from %s on %s (rank %d/%d), weights %s",
+            "segmenting %d of %d tomograms from %s on %s (rank %d/%d, sharing %s), weights %s",
             len(mine),
             len(paths),
             paths[0].parent if paths else "(none)",
             self.predictor.device,
             rank,
             world,
+            "slices" if share_slices else "tomograms",
             self.weights,
         )
         summaries, failures = [], []
@@ -253,11 +335,13 @@ class TomogramSegmenter:
                 summaries.append(json.loads(self._summary_path(volume_stem(path)).read_text()))
                 continue
             try:
-                summary = self.segment(path)
+                summary = self.segment(path, *ranks)
             except (VolumeError, OSError, ValueError) as err:
                 message = str(err) if str(path) in str(err) else f"{path}: {err}"
                 logger.error(message)
                 failures.append(message)
+                continue
+            if summary is None:  # another rank wrote this tomogram's outputs
                 continue
             summaries.append(summary)
             logger.info(
@@ -267,10 +351,11 @@ class TomogramSegmenter:
                 summary["seconds"],
                 summary["foreground_fraction"],
             )
-        failed = _all_ranks_sum(len(failures))
+        # When ranks share slices every rank saw every failure: count them once.
+        failed = sum_over_ranks(len(failures) if rank == 0 or not share_slices else 0)
         if rank == 0:
-            self._write_table(paths)
-        _shutdown()
+            self._write_table(paths)  # after the reduction above: every rank is done
+        leave()
         if failures or failed:
             raise InferenceError(f"{failed} tomogram(s) failed: " + "; ".join(failures))
         return summaries
@@ -312,25 +397,34 @@ def _blocks(start: int, stop: int, size: int, z0: int, z1: int):
             yield s, min(s + size, b)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun describes in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class _StagedSink:
+    """A raw memory-mapped volume shared by the ranks, written like a :class:`SliceWriter`."""
+
+    def __init__(self, array: np.memmap) -> None:
+        self.array = array
+
+    def write(self, z0: int, block: np.ndarray) -> None:
+        self.array[z0 : z0 + block.shape[0]] = block
+        release_pages(self.array[z0 : z0 + block.shape[0]])
 
 
-def _all_ranks_sum(value: int) -> int:
-    if not dist.is_initialized():
-        return value
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(total)  # also a barrier: rank 0 writes the table after everyone is done
-    return int(total.item())
+def _on_all_ranks(step, path: Path) -> None:
+    """Run ``step`` on this rank, then stop every rank with an error if it failed on any of them."""
+    error: Exception | None = None
+    try:
+        step()
+    except (VolumeError, OSError, ValueError) as err:
+        error = err
+    failed = sum_over_ranks(int(error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise VolumeError(f"{path}: segmentation failed on {failed} other rank(s); see their log")
 
 
-def _shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def _open_on_all_ranks(path: str | os.PathLike, voxel_size_nm, world: int) -> Volume:
+    if world == 1:
+        return open_volume(path, voxel_size_nm=voxel_size_nm)
+    opened: list[Volume] = []
+    _on_all_ranks(lambda: opened.append(open_volume(path, voxel_size_nm=voxel_size_nm)), Path(path))
+    return opened[0]

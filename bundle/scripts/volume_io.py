@@ -22,6 +22,7 @@ import numpy as np
 import tifffile
 
 from .atomic import PARTIAL_MARKER, atomic_output, full_suffix
+from .pages import release_pages
 
 __all__ = [
     "MRC_SUFFIXES",
@@ -222,6 +223,7 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
     slice_bytes = data[0].nbytes
     for start, stop in iter_slabs(data.shape[0], slice_bytes):
         ok = np.isfinite(data[start:stop]).all(axis=(1, 2))
+        release_pages(data[start:stop])
         bad.extend(int(start + i) for i in np.flatnonzero(~ok))
     if bad:
         raise VolumeError(
@@ -473,6 +475,7 @@ class _MrcSink:
 
     def write(self, z0: int, block: np.ndarray) -> None:
         self.data[z0 : z0 + block.shape[0]] = block
+        release_pages(self.data[z0 : z0 + block.shape[0]])
         as64 = block.astype(np.float64)
         self.stats[0] = min(self.stats[0], float(as64.min()))
         self.stats[1] = max(self.stats[1], float(as64.max()))
@@ -522,6 +525,7 @@ class _TiffSink:
 
     def write(self, z0: int, block: np.ndarray) -> None:
         self.data[z0 : z0 + block.shape[0]] = block  # type: ignore[index]
+        release_pages(self.data[z0 : z0 + block.shape[0]])  # type: ignore[index]
 
     def close(self) -> None:
         self.data.flush()  # type: ignore[union-attr]
@@ -556,6 +560,7 @@ class _NiftiSink:
 
     def write(self, z0: int, block: np.ndarray) -> None:
         self.data[z0 : z0 + block.shape[0]] = block  # type: ignore[index]
+        release_pages(self.data[z0 : z0 + block.shape[0]])  # type: ignore[index]
 
     def close(self) -> None:
         try:
