@@ -87,3 +87,13 @@ def test_small_objects_are_removed_in_3d():
     kept = PostProcessing(min_object_voxels=5).volume(mask.copy())
     assert kept.sum() == 64
     assert PostProcessing(min_object_voxels=4).volume(mask.copy()).sum() == 68
+
+
+def test_compiled_predictor_gives_the_default_masks():
+    # `compile: true` runs the fused network through torch.compile (F.conv2d paths, no kept tensors).
+    net = _net(width=4)
+    slices = np.random.default_rng(0).normal(size=(2, 48, 64)).astype(np.float32)
+    compiled = SlicePredictor(net, compile=True).predict(slices).label
+    default = SlicePredictor(net).predict(slices).label
+    assert (compiled - default).abs().max() < 1e-5
+    assert torch.equal(compiled > 0, default > 0)

@@ -74,8 +74,9 @@ class SlicePredictor:
         amp: autocast to bfloat16 (CPU) / float16 (CUDA); float32 when False.
         channels_last: run in channels_last (NHWC) memory format, oneDNN's and cuDNN's fast layout.
         fuse: run a fused inference-only copy of a ``DoubleDecoderNet`` (see ``scripts.fusion``).
-        compile: ``torch.compile`` the network at the first batch (minutes on a small CPU; pays off
-            for long tomograms; each new slice shape compiles again).
+        compile: ``torch.compile`` the network at the first batch (seconds to minutes; each new slice
+            shape compiles again). Slower than the default fused path on the CPUs measured
+            (docs/performance.md); untested on GPUs.
         reuse_buffers: on CPU, the fused network keeps its concatenation buffers between slices
             (faster: no page faults on fresh memory; costs about 1.4 GB at width 8 on 1328 x 1296).
 
