@@ -259,30 +259,21 @@ def test_voxel_size_override_and_bad_inputs_are_reported_by_name(tmp_path, caplo
     assert _no_partial_files(out) and _no_partial_files(out2)
 
 
-def test_bundle_command_end_to_end(tmp_path):
+def _run_bundle_command(tmp_path, cwd, config_file, *options):
+    """``monai.bundle run surfaces`` in a subprocess on the scene mask as ``tiny.mrc``; the output folder."""
     masks, out = tmp_path / "masks", tmp_path / "out"
     masks.mkdir()
     write_mrc(masks / "tiny.mrc", scene_mask())
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "surfaces",
-        "--config_file",
-        "bundle/configs/surfaces.json",
-        "--dataset_dir",
-        str(masks),
-        "--output_dir",
-        str(out),
-        "--min_voxels",
-        "20",
-        "--smoothing_iterations",
-        "10",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "surfaces", "--config_file", config_file]
+    cmd += ["--dataset_dir", str(masks), "--output_dir", str(out), "--min_voxels", "20", *options]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_bundle_command_end_to_end(tmp_path):
+    out = _run_bundle_command(tmp_path, REPO, "bundle/configs/surfaces.json", "--smoothing_iterations", "10")
     rows = _read_csv(out / "tiny" / "objects.csv")
     assert len(rows) == 3
     assert (out / "tiny" / "montage.png").stat().st_size > 10_000
@@ -291,33 +282,8 @@ def test_bundle_command_end_to_end(tmp_path):
 
 
 def test_bundle_command_from_the_bundle_folder(tmp_path):
-    masks, out = tmp_path / "masks", tmp_path / "out"
-    masks.mkdir()
-    write_mrc(masks / "tiny.mrc", scene_mask())
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "surfaces",
-        "--config_file",
-        "configs/surfaces.json",
-        "--dataset_dir",
-        str(masks),
-        "--output_dir",
-        str(out),
-        "--min_voxels",
-        "20",
-        "--formats",
-        "glb",
-        "--per_object_meshes",
-        "false",
-        "--pictures#render_3d",
-        "false",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO / "bundle", env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    options = ["--formats", "glb", "--per_object_meshes", "false", "--pictures#render_3d", "false"]
+    out = _run_bundle_command(tmp_path, REPO / "bundle", "configs/surfaces.json", *options)
     assert len(_read_csv(out / "tiny" / "objects.csv")) == 3
     assert sorted(p.name for p in (out / "tiny").iterdir() if p.suffix in (".glb", ".ply", ".png")) == [
         "montage.png",

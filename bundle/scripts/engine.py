@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import ignite.distributed as idist
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -250,12 +250,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self._loss_sums.zero_()
 
     def _epoch_completed(self, engine: Engine) -> None:
-        sums = self._loss_sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            device = engine.state.device if dist.get_backend() == "nccl" else "cpu"
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
+        # A no-op in one process; under DDP Ignite moves the sums to the backend's device and back.
+        sums = idist.all_reduce(self._loss_sums.clone())
         if sums[1] > 0:
             engine.state.metrics["train_labeled_loss"] = float(sums[0] / sums[1])
         if sums[3] > 0:
@@ -307,9 +303,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             optimizer.step()
         loss = loss.detach()
         engine.state.output[Keys.LOSS] = loss
-        if math.isfinite(float(loss)):
+        value = float(loss)
+        if math.isfinite(value):
             offset = 0 if phase == LABELED else 2
-            self._loss_sums[offset] += float(loss)
+            self._loss_sums[offset] += value
             self._loss_sums[offset + 1] += 1
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -155,7 +155,9 @@ class TomogramSegmenter:
                     if kind != "mask" or not self.post.needs_volume
                 }
                 staged = self._staging(stack, volume, stem) if self.post.needs_volume else None
-                foreground = self._predict_all(volume, writers, staged, (z0, z1), (0, depth))
+                if staged is not None:
+                    writers["mask"] = [_StagedSink(staged)]
+                foreground = self._predict_all(volume, writers, (z0, z1), (0, depth))
                 if staged is not None:
                     self.post.volume(staged)
                     foreground = self._copy_staged(staged, outputs["mask"], volume, "mask", stack)
@@ -208,7 +210,7 @@ class TomogramSegmenter:
                     staged[kind] = np.memmap(raw, dtype=self._dtype(kind), mode="r+", shape=shape)
                 writers = {kind: [_StagedSink(array)] for kind, array in staged.items()}
                 part = share_range(*z_range, rank, world, multiple=self.batch_size)
-                self._predict_all(volume, writers, None, z_range, part)
+                self._predict_all(volume, writers, z_range, part)
 
             _on_all_ranks(create_raw_files, volume.path)
             _on_all_ranks(predict_my_part, volume.path)
@@ -242,7 +244,6 @@ class TomogramSegmenter:
         self,
         volume: Volume,
         writers: dict,
-        staged: np.memmap | None,
         z_range: tuple[int, int],
         extent: tuple[int, int],
     ) -> int:
@@ -262,9 +263,6 @@ class TomogramSegmenter:
             else:
                 prediction, mask = None, np.zeros((stop - start, *volume.data.shape[1:]), np.uint8)
             foreground += int(mask.sum())
-            if staged is not None:
-                staged[start:stop] = mask
-                release_pages(staged[start:stop])
             for kind, kind_writers in writers.items():
                 block = mask if kind == "mask" else self._block(kind, prediction, stop - start, volume)
                 for writer in kind_writers:

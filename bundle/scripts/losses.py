@@ -90,10 +90,6 @@ class UnlabeledLoss(nn.Module):
             k2=k2,
         )
 
-    @property
-    def data_range(self) -> float:
-        return float(self.ssim.data_range)
-
     def forward(self, image_pred: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         # SSIM in float32: the squared means lose too much precision under fp16 autocast.
         ssim_loss = self.ssim(image_pred.float(), image.float())

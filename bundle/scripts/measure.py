@@ -224,7 +224,7 @@ def cross_sections(mask: np.ndarray, spacing: Sequence[float], connectivity: int
         sl = mask[k]
         if not sl.any():
             continue
-        lab, n = ndimage.label(sl, structure=structure)
+        lab, _ = ndimage.label(sl, structure=structure)
         for r in regionprops(lab, spacing=(sy, sx)):
             ax_major, ax_minor = _ellipse_axes(r.coords, sy, sx)
             major.append(ax_major)

@@ -273,7 +273,7 @@ def _text_rows(prefix: bytes, columns: Sequence[np.ndarray]) -> bytes:
     return np.concatenate(parts, axis=1).tobytes()
 
 
-def _write_obj(f, parts, with_color: bool = True) -> None:
+def _write_obj(f, parts) -> None:
     f.write(b"# cryo-SXT membrane surfaces; coordinates in nm (x, y, z)\n")
     offset = 1
     for name, mesh, color in parts:
@@ -282,8 +282,7 @@ def _write_obj(f, parts, with_color: bool = True) -> None:
         rgb = _rgba(color)[:3] / 255.0
         for s in range(0, len(v), _CHUNK):
             cols = [_fixed(v[s : s + _CHUNK, d], 3) for d in range(3)]
-            if with_color:
-                cols += [np.broadcast_to(_fixed(np.array([c]), 4), (len(cols[0]), 7)) for c in rgb]
+            cols += [np.broadcast_to(_fixed(np.array([c]), 4), (len(cols[0]), 7)) for c in rgb]
             f.write(_text_rows(b"v", cols))
         for s in range(0, len(faces), _CHUNK):
             fc = faces[s : s + _CHUNK] + offset
@@ -291,25 +290,24 @@ def _write_obj(f, parts, with_color: bool = True) -> None:
         offset += len(v)
 
 
-def _write_ply(f, parts, with_color: bool = True) -> None:
+def _write_ply(f, parts) -> None:
     n_v = sum(len(m.vertices) for _, m, _ in parts)
     n_f = sum(len(m.faces) for _, m, _ in parts)
-    color_props = "property uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
     header = (
         "ply\nformat binary_little_endian 1.0\ncomment cryo-SXT membrane surfaces, units nm\n"
         f"element vertex {n_v}\nproperty float x\nproperty float y\nproperty float z\n"
-        f"{color_props if with_color else ''}element face {n_f}\nproperty list uchar int vertex_indices\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
+        f"element face {n_f}\nproperty list uchar int vertex_indices\n"
         "end_header\n"
     )
     f.write(header.encode("ascii"))
-    vdtype = [("xyz", "<f4", (3,))] + ([("rgba", "u1", (4,))] if with_color else [])
+    vdtype = [("xyz", "<f4", (3,)), ("rgba", "u1", (4,))]
     for _, mesh, color in parts:
         v = np.asarray(mesh.vertices)
         for s in range(0, len(v), _CHUNK):
             rec = np.empty(len(v[s : s + _CHUNK]), dtype=vdtype)
             rec["xyz"] = v[s : s + _CHUNK]
-            if with_color:
-                rec["rgba"] = _rgba(color)
+            rec["rgba"] = _rgba(color)
             f.write(rec.tobytes())
     fdtype = [("n", "u1"), ("idx", "<i4", (3,))]
     offset = 0

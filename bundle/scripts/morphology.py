@@ -262,9 +262,8 @@ def prepare_objects(
         if info["min"] < 0:
             raise MaskError(f"{name}: label volume with negative values (min {info['min']})")
         labels = np.empty(data.shape, dtype=np.int32)
-        if (
-            info["max"] > MAX_DIRECT_LABEL
-        ):  # sparse huge ids: number them 1..n (bincount/find_objects need it)
+        # sparse huge ids: number them 1..n (bincount/find_objects need it)
+        if info["max"] > MAX_DIRECT_LABEL:
             ids = np.unique(np.concatenate([np.unique(np.asarray(data[sl])) for sl in _slabs(data.shape[0])]))
             for sl in _slabs(data.shape[0]):
                 labels[sl] = np.searchsorted(ids, np.asarray(data[sl])) + (0 if ids[0] == 0 else 1)
@@ -278,7 +277,8 @@ def prepare_objects(
         objects = find_objects(labels, border_margin)
         small = [o for o in objects if o.voxel_count < min_voxels]
         if small:
-            lut = np.arange(int(labels.max()) + 1, dtype=np.int32)
+            # objects are in id order: the last is the largest id (no second scan of the volume)
+            lut = np.arange(objects[-1].label + 1, dtype=np.int32)
             lut[[o.label for o in small]] = 0
             _relabel_in_place(labels, lut)
         kept = [o for o in objects if o.voxel_count >= min_voxels]

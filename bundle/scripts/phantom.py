@@ -395,9 +395,9 @@ class _Builder:
         z0 = float(np.clip(zc - t / 2, self.lo[0] + self.v, self.hi[0] - t - self.v))
         b = self.cv.block(self.lo, self.hi)
         d = np.maximum(z0 - b.z, b.z - (z0 + t))  # slab as an implicit surface
-        self.cv.paint(b, LAC["ice"], solid(d, self.v))
-        self.ice_z = (z0, z0 + t)
         self.ice_occ = solid(d, self.v)  # (nz, 1, 1): everything is cut at the sample faces
+        self.cv.paint(b, LAC["ice"], self.ice_occ)
+        self.ice_z = (z0, z0 + t)
         return self.ice_z
 
     def cells(self, ice: tuple[float, float], sectioned: bool) -> list[Cell]:
@@ -432,7 +432,7 @@ class _Builder:
             lo = np.minimum(lo, np.minimum(p0, p1) - r - 40.0)
             hi = np.maximum(hi, np.maximum(p0, p1) + r + 40.0)
         b = self.cv.block(lo - 2 * self.v, hi + 2 * self.v)  # contains every filopodium box below
-        if b is None or b.z.size == 0:
+        if b is None:
             return
         d_body = cell.sdf(b)
         d_cell = d_body.copy()
@@ -557,8 +557,10 @@ class _Builder:
         d_lat = sdf_ellipsoid(b, c, radii * np.array([1.0, 1.0, 20.0]), rot)
         peripheral = np.exp(np.minimum(d_lat + sep, 0.0) / 70.0)
         chrom = LAC["nucleoplasm"] + 0.18 / (1 + np.exp(-4 * (t - 1.0))) + 0.16 * peripheral
+        d_in = d + sep  # inner envelope membrane
+        core = d_in + 40  # nucleoli stay this far inside it
         self.cv.paint(b, LAC["perinuclear"], solid(d, self.v))
-        self.cv.paint(b, np.minimum(chrom, 0.5), solid(d + sep, self.v))
+        self.cv.paint(b, np.minimum(chrom, 0.5), solid(d_in, self.v))
         nid = self._add("nucleus", b, True, center_nm=_r(c), radii_nm=_r(radii), axes=_r(rot.T, 4),
                         envelope_spacing_nm=round(sep, 1))
         self.cv.mark(b, d <= 0, instance=nid)
@@ -568,12 +570,12 @@ class _Builder:
             off[0] = 0
             rr[2] = min(rr[2], radii[2] * 0.5)
             db = sdf_ellipsoid(b, c + off, rr, rot)
-            self.cv.paint(b, LAC["nucleolus"] + 0.03 * t, solid(db, self.v) * solid(d + sep + 40, self.v))
+            self.cv.paint(b, LAC["nucleolus"] + 0.03 * t, solid(db, self.v) * solid(core, self.v))
             nb = self.cv.block(c + off - rr.max(), c + off + rr.max())
             oid = self._add("nucleolus", nb, False, parent=nid, center_nm=_r(c + off), radii_nm=_r(rr),
                             axes=_r(rot.T, 4))
-            self.cv.mark(b, (db <= 0) & (d + sep + 40 <= 0), instance=oid)
-        for dd in (d, d + sep):
+            self.cv.mark(b, (db <= 0) & (core <= 0), instance=oid)
+        for dd in (d, d_in):
             self.cv.paint(b, LAC["membrane"], shell(dd, MEMBRANE_NM, self.v))
             self.cv.mark(b, gt_band(dd, self.v), membrane=True)
         self._occupy(c[None], np.array([radii.max()]))
@@ -627,11 +629,9 @@ class _Builder:
         mid = self._add("mitochondrion", b, True, center_nm=_r(c), semi_axes_nm=_r(radii), axes=_r(rot.T, 4),
                         cristae=n_c)
         self.cv.mark(b, d <= 0, instance=mid)
-        crista_gt = gt_band(cristae, self.v)
-        crista_d = np.where(np.isfinite(cristae), cristae, 1e6)
-        self.cv.paint(b, LAC["membrane"], shell(crista_d, MEMBRANE_NM, self.v))
+        self.cv.paint(b, LAC["membrane"], shell(cristae, MEMBRANE_NM, self.v))  # inf (no crista) -> 0
         self.cv.paint(b, LAC["membrane"], shell(d, 1.5 * MEMBRANE_NM, self.v))  # outer + inner boundary
-        self.cv.mark(b, gt_band(d, self.v) | crista_gt, membrane=True)
+        self.cv.mark(b, gt_band(d, self.v) | gt_band(cristae, self.v), membrane=True)
 
     def sphere(self, cell: Cell, kind: str, in_fov: bool, nucleus) -> None:
         """Vesicle (membrane, variable lumen), lipid droplet (dense, no membrane) or granule."""

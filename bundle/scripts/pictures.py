@@ -231,7 +231,7 @@ def _enclosing(bounds: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def render_surfaces(
-    parts: Sequence[tuple[int, object, tuple]],
+    parts: Sequence[tuple[str, object, tuple]],
     path: str | Path,
     title: str = "",
     max_faces: int = 60000,
@@ -239,7 +239,7 @@ def render_surfaces(
 ) -> Path | None:
     """PNG with two views (oblique and top, as in the montage) of coloured surfaces.
 
-    ``parts`` is ``[(id, trimesh mesh with nm (x, y, z) vertices, rgb)]``. Meshes with more than
+    ``parts`` is ``[(name, trimesh mesh with nm (x, y, z) vertices, rgb)]``. Meshes with more than
     ``max_faces`` faces in total are simplified for the picture only (vertex clustering; the
     exported meshes and measurements are unaffected). Objects that enclose others (a cell or
     nuclear envelope: their box holds the centre of a smaller object's box) are drawn

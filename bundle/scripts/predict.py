@@ -77,8 +77,8 @@ class SlicePredictor:
         compile: ``torch.compile`` the network at the first batch (seconds to minutes; each new slice
             shape compiles again). Slower than the default fused path on the CPUs measured
             (docs/performance.md); untested on GPUs.
-        reuse_buffers: on CPU, the fused network keeps its concatenation buffers between slices
-            (faster: no page faults on fresh memory; costs about 1.4 GB at width 8 on 1328 x 1296).
+        reuse_buffers: on CPU, the fused network keeps tensors between layers and slices (faster: no
+            page faults on fresh memory; see ``scripts.buffers``; about 1.4 GB at width 8 on 1328 x 1296).
 
     ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
     :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.

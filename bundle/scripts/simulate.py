@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output
 from .phantom import build_phantom
 from .tomography import acquire, reconstruct, tilt_angles
 
@@ -96,10 +97,10 @@ def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bess
     del ph.mu
     rec = reconstruct(sino, shape[0], v, angles, inst.iterations)
     # The reconstruction grid is the FOV: centred in z on the padded phantom (same centre).
-    image = (rec * np.float32(inst.polarity)).astype(np.float32, copy=False)
+    rec *= np.float32(inst.polarity)  # float32 already: flip in place, no second volume
     info = {**ph.info, "instrument": dataclasses.asdict(inst), "tilt_angles_deg": [float(a) for a in angles],
             "shape": list(shape), "voxel_size_nm": v, "padding_voxels_zx": [pz, px]}
-    return SimulatedTomogram(image, ph.membrane, ph.instances, ph.objects, v, inst.name, info)
+    return SimulatedTomogram(rec, ph.membrane, ph.instances, ph.objects, v, inst.name, info)
 
 
 def _shape(shape) -> tuple[int, int, int]:
@@ -123,7 +124,7 @@ def _formats(formats) -> list[str]:
 def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: list[str]) -> None:
     from .volume_io import write_volume
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # also with no formats: the .json goes here
     for suf in suffixes:
         write_volume(folder / f"{name}{suf}", array, voxel)
 
@@ -160,9 +161,8 @@ def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int =
             _write(root / "labels", name, tomo.membrane, v, suffixes)
             _write(root / "instances", name, tomo.instances, v, suffixes)
             meta = {"name": name, "seed": [int(seed), 0, i], "objects": tomo.objects, **tomo.info}
-            tmp = root / "instances" / f"{name}.json.tmp"
-            tmp.write_text(json.dumps(meta, indent=1))
-            tmp.replace(root / "instances" / f"{name}.json")
+            with atomic_output(root / "instances" / f"{name}.json") as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
         names.append(name)
     return names
 

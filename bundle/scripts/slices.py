@@ -17,7 +17,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from scripts.dataset import IGNORE_VALUE
-from scripts.volume_io import Volume, open_volume
+from scripts.volume_io import Volume, as_float_slice, open_volume
 
 __all__ = ["LoadSliced", "VolumeCache", "label_to_target"]
 
@@ -105,5 +105,5 @@ class LoadSliced(MapTransform):
             else:
                 if self.path_key is not None and key == self.first_key(d):
                     d[self.path_key] = path
-                d[key] = torch.from_numpy(np.array(volume.data[z], dtype=np.float32)[None])
+                d[key] = torch.from_numpy(as_float_slice(volume, z)[None])
         return d

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PICTURES = {"montage_slices": 12, "montage_columns": 4, "render_3d": True, "render_max_faces": 60000}
 
 # Per-volume row of OUT/summary.csv: counts, then mean and SD of the paper's measurements.
+_VOLUME_STATS = [*measure.PAPER_TABLE.values(), "xs_width_max_nm"]
 _VOLUME_COLUMNS = [
     "file",
     "voxel_size_z_nm",
@@ -49,10 +50,9 @@ _VOLUME_COLUMNS = [
     "n_objects",
     "n_border",
     "n_measured",
+    *(f"{col}_{stat}" for col in _VOLUME_STATS for stat in ("mean", "sd")),
+    "status",
 ]
-for _col in measure.PAPER_TABLE.values():
-    _VOLUME_COLUMNS += [f"{_col}_mean", f"{_col}_sd"]
-_VOLUME_COLUMNS += ["xs_width_max_nm_mean", "xs_width_max_nm_sd", "status"]
 
 
 def _parse_voxel_size(value) -> float | tuple[float, float, float] | None:
@@ -270,7 +270,7 @@ def _volume_row(summary: dict, status: str = "ok") -> dict:
     for key in ("n_objects", "n_border", "n_measured"):
         row[key] = summary.get(key)
     stats = summary.get("stats", {})
-    for col in [*measure.PAPER_TABLE.values(), "xs_width_max_nm"]:
+    for col in _VOLUME_STATS:
         if col in stats:
             row[f"{col}_mean"] = stats[col]["mean"]
             row[f"{col}_sd"] = stats[col]["sd"]
@@ -305,6 +305,9 @@ def run(
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
     voxel_size_nm = _parse_voxel_size(voxel_size_nm)
     formats = _parse_formats(formats)
+    preserve_volume = as_bool(preserve_volume, "preserve_volume")
+    per_object_meshes = as_bool(per_object_meshes, "per_object_meshes")
+    save_labels = as_bool(save_labels, "save_labels")
     if z_closing is None or z_closing is False:
         z_closing = "none"
     z_closing = str(z_closing).lower()
@@ -338,10 +341,10 @@ def run(
                 min_voxels=int(min_voxels),
                 border_margin=int(border_margin),
                 smoothing_iterations=int(smoothing_iterations),
-                preserve_volume=as_bool(preserve_volume, "preserve_volume"),
+                preserve_volume=preserve_volume,
                 formats=formats,
-                per_object_meshes=as_bool(per_object_meshes, "per_object_meshes"),
-                save_labels=as_bool(save_labels, "save_labels"),
+                per_object_meshes=per_object_meshes,
+                save_labels=save_labels,
                 pictures_options=pictures,
             )
         except (VolumeError, morphology.MaskError) as err:

@@ -30,7 +30,6 @@ from scripts.options import as_bool
 from scripts.slices import VolumeCache
 
 __all__ = [
-    "BUNDLE_ROOT",
     "EarlyStopOnValidation",
     "LastCheckpoint",
     "MetricsHistory",
@@ -47,7 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 LAST_CHECKPOINT = "last.pt"
 STD_EPS = 1e-3  # the reference divides by std only above this
 
@@ -74,16 +72,11 @@ def prepare_data(
         train, val, split = slice_items(train_vols), slice_items(val_vols), "file"
     else:
         items = slice_items(labeled)
-        n_val = 0
-        if val_fraction > 0 and len(items) >= 2:
-            n_val = min(len(items) - 1, max(1, round(val_fraction * len(items))))
-        val_idx = set(random.Random(seed).sample(range(len(items)), n_val))
-        train = [x for i, x in enumerate(items) if i not in val_idx]
-        val = [x for i, x in enumerate(items) if i in val_idx]
+        train, val = split_by_file(items, val_fraction, seed)  # the same rule, applied to slices
         split = "slice"
-        if n_val:
+        if val:
             logger.warning("only one labeled tomogram: validation uses %d of its %d annotated slices "
-                           "(split by slices, not by file)", n_val, len(items))
+                           "(split by slices, not by file)", len(val), len(items))
     semi_supervised = as_bool(semi_supervised, "semi_supervised")
     unlabeled_items = slice_items_unlabeled(unlabeled) if semi_supervised else []
     if semi_supervised and not unlabeled_items:

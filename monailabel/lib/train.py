@@ -216,10 +216,11 @@ class SemiSupervisedTrain(BundleTrainTask):
 
     @staticmethod
     def _write_stats(path: Path, stats: dict[str, Any]) -> None:
+        from scripts.atomic import atomic_output
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(stats, indent=2))
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(stats, indent=2))
 
     @staticmethod
     def _publish(run_dir: Path, target: Path) -> Path:
@@ -237,6 +238,7 @@ class SemiSupervisedTrain(BundleTrainTask):
         if isinstance(state, dict) and isinstance(state.get("network"), dict):
             state = state["network"]
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Not atomic_output: its temporary name ends in .pt and would be listed among models/*.pt.
         tmp = target.with_name(f".{target.name}.partial")
         torch.save(state, tmp)
         os.replace(tmp, target)  # the inference task sees a complete file or the old one

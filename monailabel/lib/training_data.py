@@ -83,9 +83,8 @@ def open_label(path: str | os.PathLike) -> Any:
         return open_volume(path, allow_2d=True, check_finite=False)
 
 
-def annotated_slices_for(label_path: str | os.PathLike, info: dict[str, Any] | None) -> list[int] | None:
-    """Slices to list in the sidecar, or None when the label itself says (255 convention or "all")."""
-    label = open_label(label_path)
+def annotated_slices_for(label: Any, info: dict[str, Any] | None) -> list[int] | None:
+    """Slices of an opened label to list in the sidecar, or None when the label itself says (255 or "all")."""
     spec = parse_annotated_spec((info or {}).get(ANNOTATED_KEY), label.shape[0])
     if spec == "all":
         return None
@@ -136,7 +135,7 @@ def build_training_folder(datastore: DatastoreView, root: str | os.PathLike) -> 
             label = open_label(label_uri)
             if label.shape != image.shape:
                 raise VolumeError(f"{label_uri}: shape {label.shape} differs from the image's {image.shape}")
-            slices = annotated_slices_for(label_uri, datastore.get_label_info(image_id, FINAL_TAG))
+            slices = annotated_slices_for(label, datastore.get_label_info(image_id, FINAL_TAG))
         except (VolumeError, ValueError, OSError) as err:
             summary["skipped"][image_id] = f"label: {err}"
             summary["unlabeled"].append(image_id)
