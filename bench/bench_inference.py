@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
 sys.path.insert(0, str(BUNDLE))
 
-from scripts.fusion import fuse_for_inference  # noqa: E402
-from scripts.networks import DoubleDecoderNet  # noqa: E402
-from scripts.predict import SlicePredictor  # noqa: E402
+from scripts.infer.predict import SlicePredictor  # noqa: E402
+from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
+from scripts.network.fusion import fuse_for_inference  # noqa: E402
 
 TRAINED = BUNDLE / "models" / "model.pt"
 LEVELS = ("eager", "channels_last", "fusion", "fused", "reuse", "compile", "onnxruntime")
@@ -80,7 +80,7 @@ def network(width: int, outputs: str = "label") -> DoubleDecoderNet:
     torch.manual_seed(0)
     net = DoubleDecoderNet(width=width, outputs=outputs)
     if width == 8 and TRAINED.is_file():
-        from scripts.checkpoints import load_weights
+        from scripts.network.weights import load_weights
 
         load_weights(net, TRAINED)
     return net.eval()
@@ -241,7 +241,7 @@ def bench_predictor(width: int, shape: tuple[int, ...], repeats: int) -> None:
 
 def bench_layers(width: int, shape: tuple[int, ...]) -> None:
     """Where the fused network's time goes: convs and upsampling per resolution level, and the rest."""
-    from scripts.fusion import FusedConv, FusedUp
+    from scripts.network.fusion import FusedConv, FusedUp
 
     header(f"time per resolution level, fused width {width}, slice {shape[2]} x {shape[3]}")
     fused = fuse_for_inference(network(width), reuse_buffers=True)
@@ -309,13 +309,13 @@ _SLICE_CACHE = Path(tempfile.gettempdir()) / "cryosxt_bench_slice.npy"
 
 
 def realistic_slices(height: int, width: int, count: int = 1) -> np.ndarray:
-    """Middle slices of a simulated cryo-SXT tomogram (scripts.simulate), else a smooth random texture."""
+    """Middle slices of a simulated cryo-SXT tomogram (scripts.sim.simulate), else a smooth random texture."""
     cache = _SLICE_CACHE.with_name(f"{_SLICE_CACHE.stem}_{height}x{width}.npy")
     if cache.is_file():
         stack = np.load(cache)
     else:
         try:
-            from scripts.simulate import simulate_tomogram
+            from scripts.sim.simulate import simulate_tomogram
 
             print(f"  (simulating an 8 x {height} x {width} tomogram for realistic slices, cached: {cache})")
             stack = simulate_tomogram((8, height, width), "bessy", seed=0).image[2:6]

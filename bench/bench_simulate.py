@@ -23,7 +23,7 @@ def _one(shape: str, instrument: str) -> dict:
     import resource
 
     sys.path.insert(0, BUNDLE)
-    from scripts.simulate import simulate_tomogram
+    from scripts.sim.simulate import simulate_tomogram
 
     zyx = tuple(int(s) for s in shape.split(","))
     t0 = time.perf_counter()

@@ -30,12 +30,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 
-from scripts.dataset import IGNORE_VALUE  # noqa: E402
-from scripts.engine import LABELED, UNLABELED, SemiSupervisedTrainer, unlabeled_parameters  # noqa: E402
-from scripts.losses import LabeledLoss, UnlabeledLoss  # noqa: E402
-from scripts.networks import DoubleDecoderNet  # noqa: E402
-from scripts.simulate import main as simulate  # noqa: E402
-from scripts.volume_io import open_volume, write_volume  # noqa: E402
+from scripts.io.volume import open_volume, write_volume  # noqa: E402
+from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
+from scripts.sim.simulate import main as simulate  # noqa: E402
+from scripts.train.dataset import IGNORE_VALUE  # noqa: E402
+from scripts.train.engine import LABELED, UNLABELED, SemiSupervisedTrainer, unlabeled_parameters  # noqa: E402
+from scripts.train.losses import LabeledLoss, UnlabeledLoss  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 

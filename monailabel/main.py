@@ -91,8 +91,8 @@ class CryoSXTMembraneApp(MONAILabelApp):
         if isinstance(image, str) and not os.path.exists(image) and not store.get_image_uri(image):
             raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore; "
                                 f"known images: {known_ids(store.list_images())}")
-        from scripts.checkpoints import WeightsError
-        from scripts.volume_io import VolumeError
+        from scripts.io.volume import VolumeError
+        from scripts.network.weights import WeightsError
 
         try:
             return super().infer(request, datastore)

@@ -3,9 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from scripts.buffers import BufferBudget, TensorPool
-from scripts.fusion import _max_pool, fuse_for_inference
-from scripts.networks import DoubleDecoderNet
+from scripts.network.buffers import BufferBudget, TensorPool
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.fusion import _max_pool, fuse_for_inference
 
 
 def _pool(limit: int = 1 << 20) -> TensorPool:

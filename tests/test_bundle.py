@@ -9,7 +9,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 
 from conftest import REPO
-from scripts.volume_io import write_volume
+from scripts.io.volume import write_volume
 
 CONFIGS = REPO / "bundle" / "configs"
 MANDATORY = [

@@ -1,11 +1,12 @@
-"""Tests of scripts.dataset: folder layout, annotated slices, splits."""
+"""Tests of scripts.train.dataset: folder layout, annotated slices, splits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from scripts.dataset import (
+from scripts.io.volume import VolumeError, write_volume
+from scripts.train.dataset import (
     LabeledVolume,
     list_training_data,
     read_slice_list,
@@ -13,7 +14,6 @@ from scripts.dataset import (
     slice_items_unlabeled,
     split_by_file,
 )
-from scripts.volume_io import VolumeError, write_volume
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*voxel size unknown")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from scripts.export import export_onnx
-from scripts.networks import DoubleDecoderNet
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.export import export_onnx
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.fusion import FusedConv, _Lin, _run, fuse_for_inference
-from scripts.keras_weights import load_keras_weights
-from scripts.networks import DoubleDecoderNet
-from scripts.predict import SlicePredictor
+from scripts.infer.predict import SlicePredictor
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.fusion import FusedConv, _Lin, _run, fuse_for_inference
+from scripts.network.keras import load_keras_weights
 
 
 def _randomised(width: int, outputs: str, seed: int = 0) -> DoubleDecoderNet:

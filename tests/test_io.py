@@ -1,4 +1,4 @@
-"""Tests of scripts.atomic, scripts.volume_io and scripts.readers on small real files."""
+"""Tests of scripts.io.atomic, scripts.io.volume and scripts.io.readers on small real files."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import tifffile
 from monai.transforms import LoadImage, LoadImaged
 
-from scripts.atomic import atomic_output
-from scripts.readers import MrcReader, NiftiVolumeReader, TiffStackReader, VolumeReader
-from scripts.volume_io import (
+from scripts.io.atomic import atomic_output
+from scripts.io.readers import MrcReader, NiftiVolumeReader, TiffStackReader, VolumeReader
+from scripts.io.volume import (
     IMOD_STAMP,
     SliceWriter,
     Volume,

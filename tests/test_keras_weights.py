@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from scripts.keras_weights import KerasWeightsError, convert, infer_width, load_keras_weights
-from scripts.networks import DoubleDecoderNet
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.keras import KerasWeightsError, convert, infer_width, load_keras_weights
 
 
 def _nchw(array: np.ndarray) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_infer_width(fixtures_dir):
 def test_cli_writes_a_loadable_state_dict(fixtures_dir, tmp_path):
     out = tmp_path / "model.pt"
     subprocess.run(
-        [sys.executable, "-m", "scripts.keras_weights", str(fixtures_dir / "deep_sxt_mf8.h5"), str(out)],
+        [sys.executable, "-m", "scripts.network.keras", str(fixtures_dir / "deep_sxt_mf8.h5"), str(out)],
         cwd=REPO / "bundle",
         check=True,
     )
@@ -109,7 +109,7 @@ def test_cli_reports_wrong_width(fixtures_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "scripts.keras_weights",
+            "scripts.network.keras",
             str(fixtures_dir / "deep_sxt_mf4.h5"),
             str(out),
             "--width",

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.ndimage import correlate1d
 
-from scripts.losses import LabeledLoss, UnlabeledLoss, masked_huber
-from scripts.metrics import image_counts, label_counts, label_scores
+from scripts.train.losses import LabeledLoss, UnlabeledLoss, masked_huber
+from scripts.train.metrics import image_counts, label_counts, label_scores
 
 
 def _huber(a: float, b: float, delta: float = 0.1) -> float:

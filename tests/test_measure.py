@@ -13,9 +13,9 @@ from scipy.integrate import quad
 from scipy.special import ellipeinc, ellipkinc
 from skimage.measure import regionprops
 
-from scripts.measure import caliper_width, cross_sections, measure_object, moments, summarize
-from scripts.meshes import mask_surface, object_surface
-from scripts.morphology import ObjectInfo, find_objects, object_crop
+from scripts.surfaces.measure import caliper_width, cross_sections, measure_object, moments, summarize
+from scripts.surfaces.meshes import mask_surface, object_surface
+from scripts.surfaces.morphology import ObjectInfo, find_objects, object_crop
 
 ISO = (9.8, 9.8, 9.8)
 ANISO = (20.0, 9.8, 9.8)
@@ -210,8 +210,8 @@ def test_cross_section_axes_equal_regionprops_and_taubin_equals_trimesh():
     import trimesh
     from scipy import ndimage
 
-    from scripts.measure import _ellipse_axes
-    from scripts.meshes import taubin
+    from scripts.surfaces.measure import _ellipse_axes
+    from scripts.surfaces.meshes import taubin
 
     rng = np.random.default_rng(5)
     blob = ndimage.gaussian_filter(rng.random((60, 70)), 4) > 0.5

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scripts.networks import DoubleDecoderNet, count_values
+from scripts.network.double_decoder import DoubleDecoderNet, count_values
 
 
 @pytest.mark.parametrize(

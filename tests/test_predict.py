@@ -3,9 +3,9 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from scripts.networks import DoubleDecoderNet
-from scripts.postprocess import PostProcessing
-from scripts.predict import DIHEDRAL, SlicePredictor, _dihedral, _dihedral_inverse, window_size
+from scripts.infer.postprocess import PostProcessing
+from scripts.infer.predict import DIHEDRAL, SlicePredictor, _dihedral, _dihedral_inverse, window_size
+from scripts.network.double_decoder import DoubleDecoderNet
 
 
 def _net(outputs="label", width=2, seed=0):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.phantom import GT_HALF_VOXELS, build_phantom
-from scripts.simulate import INSTRUMENTS, main, simulate_tomogram
-from scripts.tomography import get_projector, reconstruct, tilt_angles
+from scripts.sim.phantom import GT_HALF_VOXELS, build_phantom
+from scripts.sim.simulate import INSTRUMENTS, main, simulate_tomogram
+from scripts.sim.tomography import get_projector, reconstruct, tilt_angles
 
 # Fewer angles and iterations than the presets: same physics, a fraction of the time.
 FAST = dataclasses.replace(INSTRUMENTS["bessy"], tilt_step_deg=3.0, iterations=10)

@@ -17,10 +17,17 @@ import pytest
 import tifffile
 import trimesh
 
-from scripts.meshes import MESH_FORMATS, load_mesh
-from scripts.morphology import MaskError, inspect_mask, label_components, prepare_objects, to_binary, z_close
-from scripts.surfaces import match_image, run
-from scripts.volume_io import open_volume
+from scripts.io.volume import open_volume
+from scripts.surfaces.meshes import MESH_FORMATS, load_mesh
+from scripts.surfaces.morphology import (
+    MaskError,
+    inspect_mask,
+    label_components,
+    prepare_objects,
+    to_binary,
+    z_close,
+)
+from scripts.surfaces.workflow import match_image, run
 
 REPO = Path(__file__).resolve().parent.parent
 VOXEL_NM = 9.8
@@ -147,7 +154,7 @@ def test_small_objects_removed_at_the_threshold_and_border_flags():
 
 
 def test_enclosing_objects_are_found_for_the_3d_picture():
-    from scripts.pictures import _enclosing
+    from scripts.surfaces.pictures import _enclosing
 
     cell = [[0, 0, 0], [100, 100, 50]]
     inside = [[40, 40, 20], [50, 50, 30]]

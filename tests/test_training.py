@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.engine import LABELED, UNLABELED, AlternatingLoader, SemiSupervisedTrainer, unlabeled_parameters
-from scripts.losses import LabeledLoss, UnlabeledLoss
-from scripts.networks import DoubleDecoderNet
-from scripts.slices import LoadSliced, label_to_target
-from scripts.training import prepare_data
-from scripts.volume_io import write_volume
+from scripts.io.volume import write_volume
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.train.engine import (
+    LABELED,
+    UNLABELED,
+    AlternatingLoader,
+    SemiSupervisedTrainer,
+    unlabeled_parameters,
+)
+from scripts.train.losses import LabeledLoss, UnlabeledLoss
+from scripts.train.slices import LoadSliced, label_to_target
+from scripts.train.workflow import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -50,12 +56,12 @@ def _history(output_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 labeled + 1 unlabeled simulated tomograms of 8 x 64 x 64 (one slice left unannotated)."""
-    from scripts.simulate import main as simulate
+    from scripts.sim.simulate import main as simulate
 
     root = tmp_path_factory.mktemp("tiny")
     simulate(out=str(root), count=2, shape="8,64,64", seed=0, instrument="bessy", unlabeled=1)
     label_path = sorted((root / "labels").glob("*.mrc"))[0]
-    from scripts.volume_io import open_volume
+    from scripts.io.volume import open_volume
 
     label = np.array(open_volume(label_path).data)
     label[3] = 255

@@ -47,7 +47,7 @@ class TomogramDatastore(LocalDatastore):
         return None
 
     def _open(self, path: str, what: str) -> Any:
-        from scripts.volume_io import SUPPORTED_SUFFIXES, VolumeError, open_volume, volume_suffix
+        from scripts.io.volume import SUPPORTED_SUFFIXES, VolumeError, open_volume, volume_suffix
 
         if self._suffix_ok(path) is None or volume_suffix(path) not in SUPPORTED_SUFFIXES:
             hint = " (3D Slicer: set MONAI Label's file extension to .nii.gz)" if what == "label" else ""
@@ -73,7 +73,7 @@ class TomogramDatastore(LocalDatastore):
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore; "
                                 f"known images: {known_ids(self.list_images())}")
         label = self._open(label_filename, "label")
-        from scripts.volume_io import VolumeError, open_volume
+        from scripts.io.volume import VolumeError, open_volume
 
         try:
             image = open_volume(image_uri, check_finite=False)

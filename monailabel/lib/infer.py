@@ -1,7 +1,7 @@
 """MONAI Label inference task: a whole tomogram in, a 3D membrane mask out, predicted slice by slice.
 
 Everything model-specific comes from the bundle's ``configs/inference.json``: the network
-(``network_def`` with the weights), the ``predictor`` (``scripts.predict.SlicePredictor``: per-slice
+(``network_def`` with the weights), the ``predictor`` (``scripts.infer.predict.SlicePredictor``: per-slice
 standardisation, sliding window, optional TTA) and the ``postprocessing`` (threshold, erosion, ...).
 
 This is a ``BasicInferTask`` rather than a ``BundleInferTask`` subclass: ``BundleInferTask`` imports
@@ -112,7 +112,7 @@ class TomogramSegmentation(BasicInferTask):
         return parser
 
     def _network_width(self, weights: Path) -> int | None:
-        from scripts.training import checkpoint_width
+        from scripts.train.workflow import checkpoint_width
 
         try:
             return checkpoint_width(weights)
@@ -146,7 +146,7 @@ class TomogramSegmentation(BasicInferTask):
         return [self._load]
 
     def _load(self, data: dict[str, Any]) -> dict[str, Any]:
-        from scripts.volume_io import open_volume
+        from scripts.io.volume import open_volume
 
         volume = open_volume(data["image_path"] if data.get("image_path") else data["image"])
         data["volume"] = volume
@@ -194,7 +194,7 @@ class TomogramSegmentation(BasicInferTask):
     def writer(
         self, data: dict[str, Any], extension: str | None = None, dtype: Any = None
     ) -> tuple[str, dict]:
-        from scripts.volume_io import SUPPORTED_SUFFIXES, volume_suffix, write_volume
+        from scripts.io.volume import SUPPORTED_SUFFIXES, volume_suffix, write_volume
 
         wanted = extension or data.get("result_extension")
         if isinstance(wanted, (list, tuple)):

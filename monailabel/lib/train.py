@@ -162,7 +162,7 @@ class SemiSupervisedTrain(BundleTrainTask):
     def _width(self, request: dict[str, Any]) -> int:
         """Network width: the checkpoint's when fine-tuning, else inference.json's, so the published
         weights always fit the inference task."""
-        from scripts.training import checkpoint_width
+        from scripts.train.workflow import checkpoint_width
 
         model = Path(self.bundle_path) / "models" / self._model_filename(request)
         if _truthy(request.get("pretrained", True)) and model.is_file():
@@ -216,7 +216,7 @@ class SemiSupervisedTrain(BundleTrainTask):
 
     @staticmethod
     def _write_stats(path: Path, stats: dict[str, Any]) -> None:
-        from scripts.atomic import atomic_output
+        from scripts.io.atomic import atomic_output
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:

@@ -48,7 +48,7 @@ def parse_annotated_spec(spec: Any, n_slices: int) -> list[int] | str:
         return "auto"
     if isinstance(spec, str) and spec.strip().lower() == "all":
         return "all"
-    from scripts.dataset import parse_slice_ranges
+    from scripts.train.dataset import parse_slice_ranges
 
     tokens: Iterable[Any] = spec if isinstance(spec, (list, tuple)) else str(spec).replace(",", " ").split()
     try:
@@ -59,8 +59,8 @@ def parse_annotated_spec(spec: Any, n_slices: int) -> list[int] | str:
 
 def scan_label(data: np.ndarray) -> tuple[bool, list[int]]:
     """(uses 255 anywhere, z indices of slices with a membrane voxel), read slab by slab."""
-    from scripts.dataset import IGNORE_VALUE
-    from scripts.volume_io import iter_slabs
+    from scripts.io.volume import iter_slabs
+    from scripts.train.dataset import IGNORE_VALUE
 
     uses_ignore, nonempty = False, []
     for start, stop in iter_slabs(data.shape[0], data[0].nbytes):
@@ -76,7 +76,7 @@ def scan_label(data: np.ndarray) -> tuple[bool, list[int]]:
 
 def open_label(path: str | os.PathLike) -> Any:
     """A label volume; labels often carry no voxel size (the image's is what counts): no warning."""
-    from scripts.volume_io import open_volume
+    from scripts.io.volume import open_volume
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,8 +113,8 @@ def build_training_folder(datastore: DatastoreView, root: str | os.PathLike) -> 
     Studies that cannot be opened, and labels that cannot be opened or do not match their image,
     are skipped with a warning (one bad file must not stop a retrain); they are listed in the summary.
     """
-    from scripts.dataset import SIDECAR_SUFFIX
-    from scripts.volume_io import VolumeError, open_volume, volume_suffix
+    from scripts.io.volume import VolumeError, open_volume, volume_suffix
+    from scripts.train.dataset import SIDECAR_SUFFIX
 
     root = Path(root)
     summary: dict[str, Any] = {"labeled": [], "unlabeled": [], "skipped": {}}

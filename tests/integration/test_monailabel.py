@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import numpy as np
 import pytest
 
-from scripts.volume_io import open_volume, write_volume
+from scripts.io.volume import open_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundle"
@@ -178,13 +178,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("monailabel")
     sim = root / "sim"
     code, _, err = _run_bounded(
-        [sys.executable, "-m", "scripts.simulate", "--out", str(sim), "--count", "2",
+        [sys.executable, "-m", "scripts.sim.simulate", "--out", str(sim), "--count", "2",
          "--shape", ",".join(map(str, SHAPE)), "--seed", "0"],
         remaining(120), cwd=BUNDLE,
     )
     images = sorted((sim / "images").glob("*.mrc"))
     if code != 0 or len(images) != 2:  # the simulator is not what this test is about
-        warnings.warn(f"scripts.simulate failed ({code}); synthetic rings:\n{err[-1000:]}", stacklevel=1)
+        warnings.warn(f"scripts.sim.simulate failed ({code}); synthetic rings:\n{err[-1000:]}", stacklevel=1)
         images = _synthetic_tomograms(root / "synthetic")
     studies = root / "studies"
     studies.mkdir()
@@ -200,7 +200,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # depend on the width of whatever bundle/models/model.pt ships.
     import torch
 
-    from scripts.networks import DoubleDecoderNet
+    from scripts.network.double_decoder import DoubleDecoderNet
 
     models = app / "model" / MODEL / "models"
     models.mkdir(parents=True)
@@ -448,7 +448,7 @@ def test_training_folder_marks_only_annotated_slices(tmp_path: Path) -> None:
     assert not (out / "labels" / "everything.slices.txt").exists()
     assert (out / "images" / "unlabeled.mrc").resolve() == images["unlabeled"].resolve()
 
-    from scripts.training import prepare_data
+    from scripts.train.workflow import prepare_data
 
     data = prepare_data(out, val_fraction=0.0, semi_supervised=True)
     by_image: dict[str, set[int]] = {}

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scripts.atomic import PARTIAL_MARKER, atomic_output
+from scripts.infer.postprocess import PostProcessing
+from scripts.infer.predict import SlicePrediction, SlicePredictor
+from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
+from scripts.io.atomic import PARTIAL_MARKER, atomic_output
+from scripts.io.pages import release_pages, trim_heap
+from scripts.io.volume import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
 from scripts.options import as_bool
-from scripts.pages import release_pages, trim_heap
-from scripts.postprocess import PostProcessing
-from scripts.predict import SlicePrediction, SlicePredictor
-from scripts.ranks import join, leave, share_range, sum_over_ranks
-from scripts.volume_io import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
 
 __all__ = ["TomogramSegmenter", "InferenceError"]
 

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import measure, meshes, morphology, pictures
-from .options import as_bool
-from .volume_io import (
+from scripts.io.volume import (
     MRC_SUFFIXES,
     SliceWriter,
     VolumeError,
@@ -33,6 +31,8 @@ from .volume_io import (
     volume_stem,
     volume_suffix,
 )
+from scripts.options import as_bool
+from scripts.surfaces import measure, meshes, morphology, pictures
 
 __all__ = ["match_image", "process_volume", "run"]
 

@@ -30,7 +30,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.utils import CommonKeys as Keys
 
-from scripts.atomic import atomic_output
+from scripts.io.atomic import atomic_output
 
 __all__ = [
     "LABEL_MEASURES",

@@ -20,8 +20,8 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import NormalizeIntensity
 from torch import nn
 
-from scripts.fusion import fuse_for_inference
-from scripts.networks import DoubleDecoderNet
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.fusion import fuse_for_inference
 from scripts.options import as_bool
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,13 @@ class SlicePredictor:
         device: where the network runs.
         amp: autocast to bfloat16 (CPU) / float16 (CUDA); float32 when False.
         channels_last: run in channels_last (NHWC) memory format, oneDNN's and cuDNN's fast layout.
-        fuse: run a fused inference-only copy of a ``DoubleDecoderNet`` (see ``scripts.fusion``).
+        fuse: run a fused inference-only copy of a ``DoubleDecoderNet`` (see ``scripts.network.fusion``).
         compile: ``torch.compile`` the network at the first batch (seconds to minutes; each new slice
             shape compiles again). Slower than the default fused path on the CPUs measured
             (docs/performance.md); untested on GPUs.
         reuse_buffers: on CPU, the fused network keeps tensors between layers and slices (faster: no
-            page faults on fresh memory; see ``scripts.buffers``; about 1.4 GB at width 8 on 1328 x 1296).
+            page faults on fresh memory; see ``scripts.network.buffers``; about 1.4 GB at width 8 on
+            1328 x 1296).
 
     ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
     :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.

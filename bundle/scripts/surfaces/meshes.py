@@ -16,7 +16,7 @@ import trimesh
 from scipy import sparse
 from skimage.measure import marching_cubes
 
-from .atomic import atomic_output
+from scripts.io.atomic import atomic_output
 
 __all__ = [
     "MESH_FORMATS",

@@ -1,7 +1,7 @@
 """MONAI transforms that read one z slice of a tomogram (and of its label volume) lazily.
 
 Data items are ``{"image": path, "label": path, "z": int}`` (labeled) or ``{"image": path, "z": int}``
-(unlabeled), as made by ``scripts.dataset.slice_items``. Volumes are opened once per process as
+(unlabeled), as made by ``scripts.train.dataset.slice_items``. Volumes are opened once per process as
 memmaps and kept in a small LRU cache, so a data loader worker reads only the slices it needs.
 """
 
@@ -16,8 +16,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.dataset import IGNORE_VALUE
-from scripts.volume_io import Volume, as_float_slice, open_volume
+from scripts.io.volume import Volume, as_float_slice, open_volume
+from scripts.train.dataset import IGNORE_VALUE
 
 __all__ = ["LoadSliced", "VolumeCache", "label_to_target"]
 

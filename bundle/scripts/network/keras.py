@@ -6,7 +6,7 @@ order, then every BN's moving mean and variance. ``DoubleDecoderNet`` declares i
 same order, so weights are matched by position and checked by shape and name suffix; numeric
 layer suffixes (``conv2d_17``) are never relied on.
 
-CLI (from ``bundle/``): ``python -m scripts.keras_weights IN.h5 OUT.pt [--width 64]``.
+CLI (from ``bundle/``): ``python -m scripts.network.keras IN.h5 OUT.pt [--width 64]``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.atomic import atomic_output
-from scripts.networks import DoubleDecoderNet
+from scripts.io.atomic import atomic_output
+from scripts.network.double_decoder import DoubleDecoderNet
 
 __all__ = ["KerasWeightsError", "load_keras_weights", "convert", "infer_width"]
 

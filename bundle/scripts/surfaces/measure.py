@@ -17,8 +17,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from skimage.measure import find_contours, regionprops
 
-from .atomic import atomic_output
-from .meshes import volume_area
+from scripts.io.atomic import atomic_output
+from scripts.surfaces.meshes import volume_area
 
 __all__ = [
     "COLUMNS",

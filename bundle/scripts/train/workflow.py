@@ -24,10 +24,10 @@ from monai.handlers import (
     ValidationHandler,
 )
 
-from scripts.atomic import atomic_output
-from scripts.dataset import list_training_data, slice_items, slice_items_unlabeled, split_by_file
+from scripts.io.atomic import atomic_output
 from scripts.options import as_bool
-from scripts.slices import VolumeCache
+from scripts.train.dataset import list_training_data, slice_items, slice_items_unlabeled, split_by_file
+from scripts.train.slices import VolumeCache
 
 __all__ = [
     "EarlyStopOnValidation",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from scripts.keras_weights import KerasWeightsError, load_keras_weights
-from scripts.networks import DoubleDecoderNet
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.keras import KerasWeightsError, load_keras_weights
 
 __all__ = ["WeightsError", "load_weights"]
 

@@ -16,7 +16,7 @@ import numpy as np
 from monai.data.image_reader import ImageReader
 from monai.utils import ensure_tuple
 
-from .volume_io import (
+from scripts.io.volume import (
     MRC_SUFFIXES,
     NIFTI_SUFFIXES,
     SUPPORTED_SUFFIXES,

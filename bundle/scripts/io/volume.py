@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import tifffile
 
-from .atomic import PARTIAL_MARKER, atomic_output, full_suffix
-from .pages import release_pages
+from scripts.io.atomic import PARTIAL_MARKER, atomic_output, full_suffix
+from scripts.io.pages import release_pages
 
 __all__ = [
     "MRC_SUFFIXES",

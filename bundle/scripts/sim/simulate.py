@@ -1,6 +1,6 @@
 """Simulated cryo-SXT tomograms with exact membrane ground truth, for demos, tests and benchmarks.
 
-    python -m scripts.simulate --out D --count 2 --shape 32,128,128 --seed 0 --instrument bessy
+    python -m scripts.sim.simulate --out D --count 2 --shape 32,128,128 --seed 0 --instrument bessy
 
 writes D/images/NAME.mrc, D/labels/NAME.mrc (uint8 0/1), D/instances/NAME.mrc + NAME.json and,
 with --unlabeled K, K more tomograms in D/unlabeled/. Physics and presets: docs/simulator.md.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
-from .phantom import build_phantom
-from .tomography import acquire, reconstruct, tilt_angles
+from scripts.io.atomic import atomic_output
+from scripts.sim.phantom import build_phantom
+from scripts.sim.tomography import acquire, reconstruct, tilt_angles
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _formats(formats) -> list[str]:
 
 
 def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: list[str]) -> None:
-    from .volume_io import write_volume
+    from scripts.io.volume import write_volume
 
     folder.mkdir(parents=True, exist_ok=True)  # also with no formats: the .json goes here
     for suf in suffixes:

@@ -1,4 +1,4 @@
-"""Inference-time simplification of :class:`~scripts.networks.DoubleDecoderNet` (eval mode only).
+"""Inference-time simplification of ``DoubleDecoderNet`` (eval mode only).
 
 ``fuse_for_inference(net)`` builds a new module that computes the same function with less work:
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.buffers import BufferBudget, OutputBuffer, TensorPool, give_back
-from scripts.networks import Bottleneck, Decoder, DoubleDecoderNet, NeckBranch, ResidualBlock
+from scripts.network.buffers import BufferBudget, OutputBuffer, TensorPool, give_back
+from scripts.network.double_decoder import Bottleneck, Decoder, DoubleDecoderNet, NeckBranch, ResidualBlock
 
 __all__ = ["FusedDoubleDecoderNet", "fuse_for_inference", "linear_flops"]
 
@@ -488,7 +488,7 @@ def fuse_for_inference(
             convs' multiply-adds (1: only merges that save work; more was slower where measured).
         onednn: on CPU, run convs through oneDNN with the ReLU as a post-op.
         reuse_buffers: on CPU, keep tensors for reuse instead of allocating fresh ones (see
-            ``scripts.buffers``): the concatenation buffers between calls, at most ``buffer_limit``
+            ``scripts.network.buffers``): the concatenation buffers between calls, at most ``buffer_limit``
             bytes of them (the first ones a forward pass creates), and dead conv outputs in a pool
             of up to ``buffer_limit`` bytes more.
     """

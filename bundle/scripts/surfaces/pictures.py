@@ -22,7 +22,7 @@ from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-from .atomic import atomic_output
+from scripts.io.atomic import atomic_output
 
 __all__ = ["BORDER_COLOR", "decimate", "montage", "object_colors", "render_surfaces"]
 

@@ -1,6 +1,6 @@
 """ONNX export of the segmentation network (TorchScript export is MONAI's ``ckpt_export``).
 
-CLI (from ``bundle/``): ``python -m scripts.export models/model.pt model.onnx --width 8``.
+CLI (from ``bundle/``): ``python -m scripts.network.export models/model.pt model.onnx --width 8``.
 
 The exported graph takes ``(N, 1, H, W)`` float32 standardised slices with H and W multiples of 16
 (batch, height and width are dynamic) and returns the tanh label map. Tracing fixes the network's own
@@ -13,9 +13,9 @@ import os
 
 import torch
 
-from scripts.atomic import atomic_output
-from scripts.checkpoints import load_weights
-from scripts.networks import DoubleDecoderNet
+from scripts.io.atomic import atomic_output
+from scripts.network.double_decoder import DoubleDecoderNet
+from scripts.network.weights import load_weights
 
 __all__ = ["export_onnx"]
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .volume_io import (
+from scripts.io.volume import (
     VolumeError,
     find_volumes,
     iter_slabs,
