@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
-sys.path.insert(0, str(BUNDLE))
+sys.path[:0] = [str(BUNDLE), str(REPO)]  # the bundle's scripts, the simulator
 
 from scripts.infer.predict import SlicePredictor  # noqa: E402
 from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
@@ -309,13 +309,13 @@ _SLICE_CACHE = Path(tempfile.gettempdir()) / "cryosxt_bench_slice.npy"
 
 
 def realistic_slices(height: int, width: int, count: int = 1) -> np.ndarray:
-    """Middle slices of a simulated cryo-SXT tomogram (scripts.sim.simulate), else a smooth random texture."""
+    """Middle slices of a simulated cryo-SXT tomogram (cryosxt_sim), else a smooth random texture."""
     cache = _SLICE_CACHE.with_name(f"{_SLICE_CACHE.stem}_{height}x{width}.npy")
     if cache.is_file():
         stack = np.load(cache)
     else:
         try:
-            from scripts.sim.simulate import simulate_tomogram
+            from cryosxt_sim.simulate import simulate_tomogram
 
             print(f"  (simulating an 8 x {height} x {width} tomogram for realistic slices, cached: {cache})")
             stack = simulate_tomogram((8, height, width), "bessy", seed=0).image[2:6]

@@ -15,15 +15,15 @@ import subprocess
 import sys
 import time
 
-BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _one(shape: str, instrument: str) -> dict:
     """Run in the child process: simulate once, report wall time and peak RSS."""
     import resource
 
-    sys.path.insert(0, BUNDLE)
-    from scripts.sim.simulate import simulate_tomogram
+    sys.path.insert(0, REPO)
+    from cryosxt_sim.simulate import simulate_tomogram
 
     zyx = tuple(int(s) for s in shape.split(","))
     t0 = time.perf_counter()

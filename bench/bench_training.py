@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundle"))
+sys.path[:0] = [str(REPO / "bundle"), str(REPO)]  # the bundle's scripts, the simulator
 
+from cryosxt_sim.simulate import main as simulate  # noqa: E402
 from scripts.io.volume import open_volume, write_volume  # noqa: E402
 from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
-from scripts.sim.simulate import main as simulate  # noqa: E402
 from scripts.train.dataset import IGNORE_VALUE  # noqa: E402
 from scripts.train.engine import LABELED, UNLABELED, SemiSupervisedTrainer, unlabeled_parameters  # noqa: E402
 from scripts.train.losses import LabeledLoss, UnlabeledLoss  # noqa: E402

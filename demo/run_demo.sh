@@ -7,7 +7,7 @@ out="$(realpath -m "${1:-demo_output}")"
 cd "$root"
 
 echo "== 1/3 simulating two tomograms (32 x 192 x 192, 9.8 nm voxels) into $out/data"
-PYTHONPATH=bundle python -m scripts.sim.simulate --out "$out/data" --count 2 --shape 32,192,192 --seed 7 \
+python -m cryosxt_sim --out "$out/data" --count 2 --shape 32,192,192 --seed 7 \
     --tilt_step_deg 2
 
 echo "== 2/3 segmenting with bundle/models/model.pt"

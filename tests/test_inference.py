@@ -187,7 +187,7 @@ def test_torchrun_shares_the_slices_of_a_single_tomogram(tmp_path, weights):
 
 def test_shipped_weights_segment_a_simulated_tomogram(tmp_path):
     """The README's path: simulate, segment with bundle/models/model.pt, compare with the exact labels."""
-    from scripts.sim.simulate import main as simulate
+    from cryosxt_sim.simulate import main as simulate
 
     simulate(out=str(tmp_path / "data"), count=1, shape="16,160,160", seed=21, tilt_step_deg=2)
     out = tmp_path / "out"

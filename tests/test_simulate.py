@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.sim.phantom import GT_HALF_VOXELS, build_phantom
-from scripts.sim.simulate import INSTRUMENTS, main, simulate_tomogram
-from scripts.sim.tomography import get_projector, reconstruct, tilt_angles
+from cryosxt_sim.phantom import GT_HALF_VOXELS, build_phantom
+from cryosxt_sim.simulate import INSTRUMENTS, main, simulate_tomogram
+from cryosxt_sim.tomography import get_projector, reconstruct, tilt_angles
 
 # Fewer angles and iterations than the presets: same physics, a fraction of the time.
 FAST = dataclasses.replace(INSTRUMENTS["bessy"], tilt_step_deg=3.0, iterations=10)

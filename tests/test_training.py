@@ -56,7 +56,7 @@ def _history(output_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 labeled + 1 unlabeled simulated tomograms of 8 x 64 x 64 (one slice left unannotated)."""
-    from scripts.sim.simulate import main as simulate
+    from cryosxt_sim.simulate import main as simulate
 
     root = tmp_path_factory.mktemp("tiny")
     simulate(out=str(root), count=2, shape="8,64,64", seed=0, instrument="bessy", unlabeled=1)

@@ -178,13 +178,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("monailabel")
     sim = root / "sim"
     code, _, err = _run_bounded(
-        [sys.executable, "-m", "scripts.sim.simulate", "--out", str(sim), "--count", "2",
+        [sys.executable, "-m", "cryosxt_sim", "--out", str(sim), "--count", "2",
          "--shape", ",".join(map(str, SHAPE)), "--seed", "0"],
-        remaining(120), cwd=BUNDLE,
+        remaining(120), cwd=REPO,
     )
     images = sorted((sim / "images").glob("*.mrc"))
     if code != 0 or len(images) != 2:  # the simulator is not what this test is about
-        warnings.warn(f"scripts.sim.simulate failed ({code}); synthetic rings:\n{err[-1000:]}", stacklevel=1)
+        warnings.warn(f"cryosxt_sim failed ({code}); synthetic rings:\n{err[-1000:]}", stacklevel=1)
         images = _synthetic_tomograms(root / "synthetic")
     studies = root / "studies"
     studies.mkdir()

@@ -1,6 +1,6 @@
 """Simulated cryo-SXT tomograms with exact membrane ground truth, for demos, tests and benchmarks.
 
-    python -m scripts.sim.simulate --out D --count 2 --shape 32,128,128 --seed 0 --instrument bessy
+    python -m cryosxt_sim --out D --count 2 --shape 32,128,128 --seed 0 --instrument bessy
 
 writes D/images/NAME.mrc, D/labels/NAME.mrc (uint8 0/1), D/instances/NAME.mrc + NAME.json and,
 with --unlabeled K, K more tomograms in D/unlabeled/. Physics and presets: docs/simulator.md.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.io.atomic import atomic_output
-from scripts.sim.phantom import build_phantom
-from scripts.sim.tomography import acquire, reconstruct, tilt_angles
+from cryosxt_sim.bundle_io import bundle_module
+from cryosxt_sim.phantom import build_phantom
+from cryosxt_sim.tomography import acquire, reconstruct, tilt_angles
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,7 @@ def _formats(formats) -> list[str]:
 
 
 def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: list[str]) -> None:
-    from scripts.io.volume import write_volume
-
+    write_volume = bundle_module("io.volume").write_volume
     folder.mkdir(parents=True, exist_ok=True)  # also with no formats: the .json goes here
     for suf in suffixes:
         write_volume(folder / f"{name}{suf}", array, voxel)
@@ -161,13 +160,8 @@ def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int =
             _write(root / "labels", name, tomo.membrane, v, suffixes)
             _write(root / "instances", name, tomo.instances, v, suffixes)
             meta = {"name": name, "seed": [int(seed), 0, i], "objects": tomo.objects, **tomo.info}
-            with atomic_output(root / "instances" / f"{name}.json") as tmp:
+            with bundle_module("io.atomic").atomic_output(root / "instances" / f"{name}.json") as tmp:
                 tmp.write_text(json.dumps(meta, indent=1))
         names.append(name)
     return names
 
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)

@@ -1,0 +1,8 @@
+"""Simulated cryo-SXT tomograms with exact membrane ground truth, for the demo, tests and benchmarks.
+
+A package of its own beside the MONAI bundle: segmenting never needs it, so the bundle does not ship
+it. ``python -m cryosxt_sim --help`` (or the ``cryosxt-sim`` command) writes tomograms in the
+training-folder layout; ``cryosxt_sim.simulate.simulate_tomogram`` is the API. Modules:
+``phantom`` (cell geometry, absorption map, ground truth), ``tomography`` (projection, acquisition,
+reconstruction), ``simulate`` (instruments, files), ``bundle_io`` (how files are written).
+"""
