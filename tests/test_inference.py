@@ -206,3 +206,16 @@ def test_shipped_weights_segment_a_simulated_tomogram(tmp_path):
     dice = 2 * (truth & pred).sum() / (truth.sum() + pred.sum())
     # Measured 0.677 with the shipped weights; marking everything as membrane gives about 0.19.
     assert dice > 0.5, f"Dice {dice:.3f}"
+
+
+@pytest.mark.parametrize("kind", ["pt", "h5"])
+def test_network_width_comes_from_the_weights_unless_given(weights, fixtures_dir, kind):
+    from monai.bundle import ConfigParser
+
+    path = weights if kind == "pt" else fixtures_dir / "deep_sxt_mf4.h5"
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser.update({"weights": str(path), "device": "cpu"})
+    assert parser.get_parsed_content("network").width == 4  # the weights load: the width fits
+    parser.update({"width": 8})
+    assert parser.get_parsed_content("network_def", lazy=False).width == 8  # an explicit width wins

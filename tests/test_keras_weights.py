@@ -8,7 +8,8 @@ import torch
 
 from conftest import REPO
 from scripts.network.double_decoder import DoubleDecoderNet
-from scripts.network.keras import KerasWeightsError, convert, infer_width, load_keras_weights
+from scripts.network.keras import KerasWeightsError, load_keras_weights
+from scripts.network.weights import convert, weights_info
 
 
 def _nchw(array: np.ndarray) -> torch.Tensor:
@@ -84,14 +85,14 @@ def test_foreign_files_are_refused(tmp_path):
 
 
 def test_infer_width(fixtures_dir):
-    assert infer_width(fixtures_dir / "deep_sxt_mf4.h5") == 4
-    assert infer_width(fixtures_dir / "deep_sxt_mf8.h5") == 8
+    assert weights_info(fixtures_dir / "deep_sxt_mf4.h5").width == 4
+    assert weights_info(fixtures_dir / "deep_sxt_mf8.h5").width == 8
 
 
 def test_cli_writes_a_loadable_state_dict(fixtures_dir, tmp_path):
     out = tmp_path / "model.pt"
     subprocess.run(
-        [sys.executable, "-m", "scripts.network.keras", str(fixtures_dir / "deep_sxt_mf8.h5"), str(out)],
+        [sys.executable, "-m", "scripts.network.weights", str(fixtures_dir / "deep_sxt_mf8.h5"), str(out)],
         cwd=REPO / "bundle",
         check=True,
     )
@@ -109,7 +110,7 @@ def test_cli_reports_wrong_width(fixtures_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "scripts.network.keras",
+            "scripts.network.weights",
             str(fixtures_dir / "deep_sxt_mf4.h5"),
             str(out),
             "--width",

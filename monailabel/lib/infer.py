@@ -84,7 +84,8 @@ class TomogramSegmentation(BasicInferTask):
             preload=False,
         )
         self.version = metadata.get("version")
-        self.width = raw.get("width")  # used when the weights do not say (and by the trainer)
+        width = raw.get("width")  # an explicit number, else (the default) read from the weights
+        self.width = width if isinstance(width, int) else None
         self._lock = threading.Lock()
         self._cached: tuple[tuple, Any] | None = None
 
@@ -111,26 +112,15 @@ class TomogramSegmentation(BasicInferTask):
         parser.update({"bundle_root": self.bundle_path, **overrides})
         return parser
 
-    def _network_width(self, weights: Path) -> int | None:
-        from scripts.train.workflow import checkpoint_width
-
-        try:
-            return checkpoint_width(weights)
-        except Exception as err:  # foreign or Keras files: keep the config's width
-            logger.warning("width of %s unknown (%s); using inference.json's", weights, err)
-            return None
-
     def _predictor(self, device: str, weights: Path, tta: bool) -> Any:
         """The bundle's SlicePredictor, cached until the weights file changes (a retrain replaces it)."""
         key = (device, str(weights), weights.stat().st_mtime_ns, tta)
         with self._lock:
             if self._cached is None or self._cached[0] != key:
+                # inference.json reads the network width from the weights file itself.
                 overrides: dict[str, Any] = {"weights": str(weights), "device": device, "tta": tta}
-                width = self._network_width(weights)
-                if width is not None:
-                    overrides["width"] = width
                 predictor = self._parser(**overrides).get_parsed_content("predictor")
-                logger.info("loaded %s (width %s) on %s", weights, overrides.get("width", "?"), device)
+                logger.info("loaded %s on %s", weights, device)
                 self._cached = (key, predictor)
             return self._cached[1]
 

@@ -160,17 +160,17 @@ class SemiSupervisedTrain(BundleTrainTask):
         return overrides
 
     def _width(self, request: dict[str, Any]) -> int:
-        """Network width: the checkpoint's when fine-tuning, else inference.json's, so the published
-        weights always fit the inference task."""
-        from scripts.train.workflow import checkpoint_width
-
-        model = Path(self.bundle_path) / "models" / self._model_filename(request)
-        if _truthy(request.get("pretrained", True)) and model.is_file():
-            try:
-                return checkpoint_width(model)
-            except Exception as err:  # a foreign file: the CheckpointLoader will say more
-                logger.warning("width of %s unknown: %s", model, err)
-        return int(self.inference_width or self._bundle_value("width", 8))
+        """Network width: the checkpoint's when fine-tuning, else inference.json's explicit width, else
+        that of the bundle's ``models/model.pt`` (which inference.json reads by default)."""
+        models = Path(self.bundle_path) / "models"
+        if _truthy(request.get("pretrained", True)):
+            width = _file_width(models / self._model_filename(request))
+            if width is not None:
+                return width
+        if self.inference_width:
+            return int(self.inference_width)
+        width = _file_width(models / "model.pt")
+        return width if width is not None else int(self._bundle_value("width", 8))
 
     @staticmethod
     def _model_filename(request: dict[str, Any]) -> str:
@@ -227,16 +227,13 @@ class SemiSupervisedTrain(BundleTrainTask):
         """Copy the run's best model (else its last epoch) to ``target`` as a plain state dict."""
         import torch
 
+        from scripts.network.weights import read_state_dict
+
         best, last = run_dir / "model.pt", run_dir / "last.pt"
-        if best.is_file():
-            source, state = best, torch.load(best, map_location="cpu", weights_only=True)
-        elif last.is_file():
-            # Our own checkpoint, written moments ago; it also holds optimiser and trainer state.
-            source, state = last, torch.load(last, map_location="cpu", weights_only=False)
-        else:
+        source = best if best.is_file() else last  # last.pt also holds optimiser and trainer state
+        if not source.is_file():
             raise RuntimeError(f"training wrote no checkpoint in {run_dir} (model.pt or last.pt)")
-        if isinstance(state, dict) and isinstance(state.get("network"), dict):
-            state = state["network"]
+        state = read_state_dict(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Not atomic_output: its temporary name ends in .pt and would be listed among models/*.pt.
         tmp = target.with_name(f".{target.name}.partial")
@@ -244,6 +241,19 @@ class SemiSupervisedTrain(BundleTrainTask):
         os.replace(tmp, target)  # the inference task sees a complete file or the old one
         logger.info("published %s -> %s", source, target)
         return source
+
+
+def _file_width(path: Path) -> int | None:
+    """The network width a weights file holds; None when there is no file or it is foreign."""
+    from scripts.network.weights import WeightsError, weights_info
+
+    if not path.is_file():
+        return None
+    try:
+        return weights_info(path).width
+    except WeightsError as err:  # the CheckpointLoader will say more
+        logger.warning("width of %s unknown: %s", path, err)
+        return None
 
 
 def _truthy(value: Any) -> bool:

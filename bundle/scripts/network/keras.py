@@ -6,13 +6,12 @@ order, then every BN's moving mean and variance. ``DoubleDecoderNet`` declares i
 same order, so weights are matched by position and checked by shape and name suffix; numeric
 layer suffixes (``conv2d_17``) are never relied on.
 
-CLI (from ``bundle/``): ``python -m scripts.network.keras IN.h5 OUT.pt [--width 64]``.
+Converting a file to a PyTorch state dict and reading its width: ``scripts.network.weights``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import h5py
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.io.atomic import atomic_output
 from scripts.network.double_decoder import DoubleDecoderNet
 
-__all__ = ["KerasWeightsError", "load_keras_weights", "convert", "infer_width"]
+__all__ = ["KerasWeightsError", "keras_weight_names", "load_keras_weights"]
 
 
 class KerasWeightsError(ValueError):
@@ -75,6 +73,11 @@ def _names(attrs: h5py.AttributeManager, key: str, where: str) -> list[str]:
     if key not in attrs:
         raise KerasWeightsError(f"{where}: no '{key}' attribute; not a Keras 2 save_weights file")
     return [_as_text(v) for v in np.atleast_1d(attrs[key])]
+
+
+def keras_weight_names(group: h5py.Group, where: str) -> list[str]:
+    """A Keras layer group's weight dataset names, in load order."""
+    return _names(group.attrs, "weight_names", where)
 
 
 def _to_torch_layout(array: np.ndarray) -> np.ndarray:
@@ -148,45 +151,3 @@ def load_keras_weights(net: DoubleDecoderNet, path: str | os.PathLike) -> Double
         for tensor, array in staged:
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
     return net
-
-
-def infer_width(path: str | os.PathLike) -> int:
-    """Network width of a Keras weights file: output channels of the first encoder convolution x 2."""
-    with h5py.File(path, "r") as handle:
-        names = _names(handle["encoder"].attrs, "weight_names", f"{path}:encoder")
-        # The first bottleneck's third conv (index 4: kernel, bias, kernel, bias, kernel) outputs w.
-        return int(handle["encoder"][names[4]].shape[-1])
-
-
-def convert(keras_file: str, output: str, width: int | None = None) -> str:
-    """Convert a Keras weights file to a PyTorch state dict the bundle configs load.
-
-    Args:
-        keras_file: Keras 2 ``save_weights`` HDF5 file.
-        output: ``.pt`` file to write (written to a temporary name, then renamed).
-        width: network width; read from the file when omitted.
-    """
-    if width is None:
-        try:
-            width = infer_width(keras_file)
-        except (OSError, KeyError, IndexError) as err:
-            raise KerasWeightsError(f"{keras_file}: cannot read the network width ({err})") from err
-    net = load_keras_weights(DoubleDecoderNet(width=width), keras_file)
-    with atomic_output(output) as tmp:
-        torch.save(net.state_dict(), tmp)
-    print(f"wrote {output} (width {width}) from {keras_file}")
-    return output
-
-
-def main() -> None:
-    """Command line entry: a bad file gives one clear line and exit status 1, not a traceback."""
-    import fire
-
-    try:
-        fire.Fire(convert)
-    except KerasWeightsError as err:
-        sys.exit(f"error: {err}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,26 +1,69 @@
-"""Load network weights from any file the bundle produces or imports."""
+"""Weights files: what one holds (:func:`weights_info`), reading it once, loading it into a network.
+
+The bundle reads two kinds: PyTorch state dicts it wrote itself (a plain state dict, or a MONAI
+checkpoint with a ``network`` entry, maybe with DDP's ``module.`` prefix) and the published Keras 2
+``.h5`` file. Everything that needs the network's width asks :func:`weights_info` rather than
+trusting a config value, so a width-64 file loads without a matching ``--width``.
+
+CLI (from ``bundle/``): ``python -m scripts.network.weights IN.h5 OUT.pt [--width 64]`` converts the
+published Keras file to a state dict.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import torch
 
+from scripts.io.atomic import atomic_output
 from scripts.network.double_decoder import DoubleDecoderNet
-from scripts.network.keras import KerasWeightsError, load_keras_weights
+from scripts.network.keras import KerasWeightsError, keras_weight_names, load_keras_weights
 
-__all__ = ["WeightsError", "load_weights"]
+__all__ = ["WeightsError", "WeightsInfo", "convert", "load_weights", "read_state_dict", "weights_info"]
 
 logger = logging.getLogger(__name__)
+
+KERAS_SUFFIXES = (".h5", ".hdf5")
+# The first encoder convolution's output channels are the network's width.
+_WIDTH_KEY = "encoder.initial_conv.conv_3.weight"
 
 
 class WeightsError(ValueError):
     """A weights file that is missing, unreadable, or made for another network."""
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a weights file says about the network it fits (more fields, e.g. a voxel size, may follow).
+
+    Attributes:
+        path: the file.
+        format: "pytorch" or "keras".
+        width: the network width (``DoubleDecoderNet(width=...)``).
+    """
+
+    path: Path
+    format: str
+    width: int
+
+
+def _existing(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        raise WeightsError("no weights file given")
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network's state dict from a PyTorch file, loaded with ``weights_only=True``."""
+    path = _existing(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a foreign or truncated file
@@ -34,6 +77,27 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in payload.items()}
 
 
+def _keras_width(path: Path) -> int:
+    try:
+        with h5py.File(path, "r") as handle:
+            names = keras_weight_names(handle["encoder"], f"{path}:encoder")
+            # The first bottleneck's third conv (index 4: kernel, bias, kernel, bias, kernel) outputs w.
+            return int(handle["encoder"][names[4]].shape[-1])
+    except (OSError, KeyError, IndexError, KerasWeightsError) as err:
+        raise WeightsError(f"{path}: cannot read the network width ({err})") from err
+
+
+def weights_info(path: str | os.PathLike) -> WeightsInfo:
+    """Format and network width of a weights file (``.h5``/``.hdf5``: Keras; anything else: PyTorch)."""
+    path = _existing(path)
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        return WeightsInfo(path, "keras", _keras_width(path))
+    state = read_state_dict(path)
+    if _WIDTH_KEY not in state:
+        raise WeightsError(f"{path}: not a DoubleDecoderNet state dict (no {_WIDTH_KEY})")
+    return WeightsInfo(path, "pytorch", int(state[_WIDTH_KEY].shape[0]))
+
+
 def load_weights(net: DoubleDecoderNet, path: str | os.PathLike | None) -> DoubleDecoderNet:
     """Load ``path`` into ``net`` (in place) and return it.
 
@@ -43,16 +107,14 @@ def load_weights(net: DoubleDecoderNet, path: str | os.PathLike | None) -> Doubl
     if path is None:
         logger.warning("no weights file given: the network keeps its random initial weights")
         return net
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    if path.suffix.lower() in (".h5", ".hdf5"):
+    path = _existing(path)
+    if path.suffix.lower() in KERAS_SUFFIXES:
         try:
             load_keras_weights(net, path)
         except KerasWeightsError as err:
             raise WeightsError(str(err)) from err
     else:
-        state = _state_dict(path)
+        state = read_state_dict(path)
         try:
             net.load_state_dict(state)
         except RuntimeError as err:
@@ -62,3 +124,34 @@ def load_weights(net: DoubleDecoderNet, path: str | os.PathLike | None) -> Doubl
             ) from err
     logger.info("loaded weights %s into a width-%d network", path, net.width)
     return net
+
+
+def convert(keras_file: str, output: str, width: int | None = None) -> str:
+    """Convert a Keras weights file to a PyTorch state dict the bundle configs load.
+
+    Args:
+        keras_file: Keras 2 ``save_weights`` HDF5 file.
+        output: ``.pt`` file to write (written to a temporary name, then renamed).
+        width: network width; read from the file when omitted.
+    """
+    if width is None:
+        width = weights_info(keras_file).width
+    net = load_keras_weights(DoubleDecoderNet(width=width), keras_file)
+    with atomic_output(output) as tmp:
+        torch.save(net.state_dict(), tmp)
+    print(f"wrote {output} (width {width}) from {keras_file}")
+    return output
+
+
+def main() -> None:
+    """Command line entry: a bad file gives one clear line and exit status 1, not a traceback."""
+    import fire
+
+    try:
+        fire.Fire(convert)
+    except (KerasWeightsError, WeightsError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,7 +35,6 @@ __all__ = [
     "MetricsHistory",
     "ResumeFromCheckpoint",
     "TrainProgressBar",
-    "checkpoint_width",
     "evaluation_items",
     "handlers_for_rank",
     "prepare_data",
@@ -133,17 +132,6 @@ def ssim_data_range(
     if _rank() == 0:
         logger.info("SSIM data_range = %.3f (max - min of %d standardised slices)", value, len(picked))
     return value
-
-
-def checkpoint_width(path: str | os.PathLike) -> int:
-    """Network width of a saved state dict (plain, or a checkpoint with a "network" entry)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping):
-        state = state["network"]
-    for key in ("encoder.initial_conv.conv_3.weight", "module.encoder.initial_conv.conv_3.weight"):
-        if key in state:
-            return int(state[key].shape[0])
-    raise ValueError(f"{path}: not a DoubleDecoderNet state dict (no encoder.initial_conv.conv_3.weight)")
 
 
 # ----------------------------------------------------------------------------- checkpoint state
