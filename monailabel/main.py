@@ -38,6 +38,7 @@ class CryoSXTMembraneApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         source = conf.get("bundle") or os.path.join(os.path.dirname(os.path.realpath(app_dir)), "bundle")
         self.model_name = bundle_name(source)
+        # Parsed before the bundle (and its scripts.options) is importable: the flag decides its copy.
         reset = strtobool(conf.get("reset_weights", "false"))
         self.working_bundle = str(prepare_working_bundle(source, os.path.join(app_dir, "model"), reset))
         # The bundle's Python package `scripts` (readers, network, predictor) for the tasks below.
@@ -70,7 +71,9 @@ class CryoSXTMembraneApp(MONAILabelApp):
         return {self.model_name: self.segmenter}
 
     def init_trainers(self) -> dict[str, Any]:
-        if strtobool(self.conf.get("skip_trainers", "false")):
+        from scripts.options import as_bool
+
+        if as_bool(self.conf.get("skip_trainers", "false"), "skip_trainers"):
             return {}
         task = SemiSupervisedTrain(self.working_bundle, self.conf, inference_width=self.segmenter.width)
         return {self.model_name: task} if task.is_valid() else {}

@@ -27,7 +27,6 @@ from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import strtobool
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +38,15 @@ def _as_float(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise HTTPException(status_code=400, detail=f"{name} must be a number, got {value!r}") from None
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    from scripts.options import as_bool
+
+    try:
+        return as_bool(value, name)
+    except ValueError as err:
+        raise HTTPException(status_code=400, detail=str(err)) from None
 
 
 class TomogramSegmentation(BasicInferTask):
@@ -152,7 +160,7 @@ class TomogramSegmentation(BasicInferTask):
         if not weights.is_file():
             raise HTTPException(status_code=503, detail=f"no model weights at {weights}: train a model first "
                                 "(POST /train) or upload one (PUT /model)")
-        tta = strtobool(data.get("tta", False))
+        tta = _as_bool(data.get("tta", False), "tta")
         threshold = _as_float(data.get("threshold", 0.0), "threshold")
         batch = max(1, int(_as_float(data.get("batch_size", 2), "batch_size")))
         predictor = self._predictor(str(device), weights, tta)

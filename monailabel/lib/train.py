@@ -134,7 +134,9 @@ class SemiSupervisedTrain(BundleTrainTask):
 
     def _load_checkpoint(self, model_pytorch: str, pretrained: Any, train_handlers: list) -> None:
         # The stock task calls os.path.exists(None) when pretrained is false.
-        if _truthy(pretrained) and os.path.isfile(model_pytorch):
+        from scripts.options import as_bool
+
+        if as_bool(pretrained, "pretrained") and os.path.isfile(model_pytorch):
             super()._load_checkpoint(model_pytorch, True, train_handlers)
 
     def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -162,8 +164,10 @@ class SemiSupervisedTrain(BundleTrainTask):
     def _width(self, request: dict[str, Any]) -> int:
         """Network width: the checkpoint's when fine-tuning, else inference.json's explicit width, else
         that of the bundle's ``models/model.pt`` (which inference.json reads by default)."""
+        from scripts.options import as_bool
+
         models = Path(self.bundle_path) / "models"
-        if _truthy(request.get("pretrained", True)):
+        if as_bool(request.get("pretrained", True), "pretrained"):
             width = _file_width(models / self._model_filename(request))
             if width is not None:
                 return width
@@ -180,11 +184,13 @@ class SemiSupervisedTrain(BundleTrainTask):
     # ------------------------------------------------------------------ run
 
     def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
+        from scripts.options import as_bool
+
         request = {**self.config(), **request}
         for key in ("device", "model_filename"):
             if isinstance(request.get(key), list):
                 request[key] = request[key][0] if request[key] else None
-        request["multi_gpu"] = _truthy(request.get("multi_gpu", False))
+        request["multi_gpu"] = as_bool(request.get("multi_gpu", False), "multi_gpu")
         self._request = request
         self._summary = {"labeled": [], "unlabeled": [], "skipped": {}}
         run_dir = Path(self.bundle_path) / RUN_DIR
@@ -255,8 +261,3 @@ def _file_width(path: Path) -> int | None:
         logger.warning("width of %s unknown: %s", path, err)
         return None
 
-
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)

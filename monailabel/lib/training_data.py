@@ -48,7 +48,7 @@ def parse_annotated_spec(spec: Any, n_slices: int) -> list[int] | str:
         return "auto"
     if isinstance(spec, str) and spec.strip().lower() == "all":
         return "all"
-    from scripts.train.dataset import parse_slice_ranges
+    from scripts.options import parse_slice_ranges
 
     tokens: Iterable[Any] = spec if isinstance(spec, (list, tuple)) else str(spec).replace(",", " ").split()
     try:

@@ -21,7 +21,7 @@ from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
 from scripts.io.atomic import PARTIAL_MARKER, atomic_output
 from scripts.io.pages import release_pages, trim_heap
 from scripts.io.volume import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
-from scripts.options import as_bool
+from scripts.options import as_bool, as_choice, as_optional, as_range, as_voxel_size
 
 __all__ = ["TomogramSegmenter", "InferenceError"]
 
@@ -79,10 +79,8 @@ class TomogramSegmenter:
         unknown = [f for f in formats if f.lower() not in SUFFIXES]
         if unknown or not formats:
             raise ValueError(f"output formats must be among {sorted(SUFFIXES)}, got {list(formats)}")
-        if probability in ("none", "null", "None", ""):
-            probability = None
-        if distribute not in ("auto", "tomograms", "slices"):
-            raise ValueError(f"distribute must be 'auto', 'tomograms' or 'slices', got {distribute!r}")
+        distribute = as_choice(distribute, "distribute", ("auto", "tomograms", "slices"))
+        probability = as_optional(probability)
         if probability not in (None, "uint8", "float16"):
             raise ValueError(f"probability must be null, 'uint8' or 'float16', got {probability!r}")
         reconstruction = as_bool(reconstruction, "reconstruction")
@@ -95,8 +93,8 @@ class TomogramSegmenter:
         self.probability = probability
         self.reconstruction = reconstruction
         self.batch_size = max(1, int(batch_size))
-        self.slice_range = slice_range
-        self.voxel_size_nm = voxel_size_nm
+        self.slice_range = as_range(slice_range, "slice_range")
+        self.voxel_size_nm = as_voxel_size(voxel_size_nm)
         self.overwrite = as_bool(overwrite, "overwrite")
         self.weights = str(weights) if weights is not None else None
         self.progress = progress

@@ -11,12 +11,13 @@ See docs/surfaces.md.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -31,14 +32,13 @@ from scripts.io.volume import (
     volume_stem,
     volume_suffix,
 )
-from scripts.options import as_bool
+from scripts.options import as_optional
 from scripts.surfaces import measure, meshes, morphology, pictures
+from scripts.surfaces.options import SurfaceOptions
 
-__all__ = ["match_image", "process_volume", "run"]
+__all__ = ["SurfaceOptions", "match_image", "process_volume", "run"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PICTURES = {"montage_slices": 12, "montage_columns": 4, "render_3d": True, "render_max_faces": 60000}
 
 # Per-volume row of OUT/summary.csv: counts, then mean and SD of the paper's measurements.
 _VOLUME_STATS = [*measure.PAPER_TABLE.values(), "xs_width_max_nm"]
@@ -53,37 +53,6 @@ _VOLUME_COLUMNS = [
     *(f"{col}_{stat}" for col in _VOLUME_STATS for stat in ("mean", "sd")),
     "status",
 ]
-
-
-def _parse_voxel_size(value) -> float | tuple[float, float, float] | None:
-    """``None``, a number, a (z, y, x) triple, or their string forms from the command line."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        return None
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    vals = tuple(float(v) for v in value)
-    if len(vals) == 1:
-        return vals[0]
-    if len(vals) != 3:
-        raise ValueError(f"voxel_size_nm must be one number or (z, y, x), got {value!r}")
-    return vals
-
-
-def _parse_formats(formats) -> list[str]:
-    if formats is None:
-        return []
-    if isinstance(formats, str):
-        formats = [f for f in formats.replace(";", ",").split(",") if f.strip()]
-    out = []
-    for f in formats:
-        f = str(f).strip().lower().lstrip(".")
-        if f not in meshes.MESH_FORMATS:
-            raise ValueError(f"unknown mesh format {f!r}; choose from {list(meshes.MESH_FORMATS)}")
-        if f not in out:
-            out.append(f)
-    return out
 
 
 def match_image(mask_path: Path, images: Sequence[Path]) -> Path | None:
@@ -123,61 +92,41 @@ def _write_labels(path: Path, labels: np.ndarray, max_id: int, vol) -> Path:
 
 
 def process_volume(
-    path: Path,
-    out_dir: Path,
-    voxel_size_nm=None,
-    image_path: Path | None = None,
-    z_closing: str = "none",
-    z_radius: int = 2,
-    connectivity: int = 3,
-    threshold: float = 0.5,
-    min_voxels: int = 500,
-    border_margin: int = 0,
-    smoothing_iterations: int = 25,
-    preserve_volume: bool = True,
-    formats: Sequence[str] = meshes.MESH_FORMATS,
-    per_object_meshes: bool = True,
-    save_labels: bool = True,
-    pictures_options: dict | None = None,
+    path: Path, out_dir: Path, options: SurfaceOptions | None = None, image_path: Path | None = None
 ) -> dict:
     """Surfaces, measurements and pictures of one mask volume into ``out_dir``; returns its summary."""
     t0 = time.perf_counter()
-    popts = {**DEFAULT_PICTURES, **(pictures_options or {})}
-    vol = open_volume(path, voxel_size_nm)
+    options = options or SurfaceOptions()
+    objects, mesh_options, popts = options.objects, options.meshes, options.pictures
+    vol = open_volume(path, options.voxel_size_nm)
     if vol.voxel_size_nm is None:
         raise VolumeError(
             f"{path}: the header has no voxel size; pass --voxel_size_nm (nm, one number or [z, y, x])"
         )
     spacing = tuple(float(s) for s in vol.voxel_size_nm)
     logger.info("%s: shape %s, voxel size (z, y, x) %s nm", path.name, vol.shape, spacing)
-    objs = morphology.prepare_objects(
-        vol.data,
-        name=str(path),
-        z_closing=z_closing,
-        z_radius=z_radius,
-        connectivity=connectivity,
-        min_voxels=min_voxels,
-        border_margin=border_margin,
-        threshold=threshold,
-    )
+    objs = morphology.prepare_objects(vol.data, name=str(path), **dataclasses.asdict(objects))
     logger.info(
         "%s: %d objects (%s input), %d below %d voxels removed",
         path.name,
         len(objs.objects),
         objs.kind,
         objs.removed_small,
-        min_voxels,
+        objects.min_voxels,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = pictures.object_colors([o.label for o in objs.objects], [o.touches_border for o in objs.objects])
+    formats, per_object_meshes = mesh_options.formats, mesh_options.per_object_meshes
     mesh_dir = out_dir / "meshes"
     if per_object_meshes and formats and objs.objects:
         mesh_dir.mkdir(exist_ok=True)
     rows, parts = [], []
     for obj in tqdm(objs.objects, desc=path.name, unit="object", mininterval=1.0):
         crop, origin = morphology.object_crop(objs.labels, obj)
-        mesh, raw = meshes.object_surface(crop, spacing, origin, smoothing_iterations, preserve_volume)
-        rows.append(measure.measure_object(obj, crop, origin, spacing, mesh, raw, connectivity))
+        mesh, raw = meshes.object_surface(
+            crop, spacing, origin, mesh_options.smoothing_iterations, mesh_options.preserve_volume
+        )
+        rows.append(measure.measure_object(obj, crop, origin, spacing, mesh, raw, objects.connectivity))
         name = f"object_{obj.label:04d}"
         if per_object_meshes:
             for fmt in formats:
@@ -193,14 +142,9 @@ def process_volume(
         "input_kind": objs.kind,
         "notes": objs.notes,
         "options": {
-            "z_closing": z_closing,
-            "z_radius": z_radius,
-            "connectivity": connectivity,
-            "threshold": threshold,
-            "min_voxels": min_voxels,
-            "border_margin": border_margin,
-            "smoothing_iterations": smoothing_iterations,
-            "preserve_volume": preserve_volume,
+            **dataclasses.asdict(objects),
+            "smoothing_iterations": mesh_options.smoothing_iterations,
+            "preserve_volume": mesh_options.preserve_volume,
         },
         "removed_small_objects": objs.removed_small,
         "units": {
@@ -218,7 +162,7 @@ def process_volume(
     if parts:
         for fmt in formats:
             meshes.export_scene(parts, out_dir / f"surfaces.{fmt}")
-    if save_labels and objs.objects:
+    if options.save_labels and objs.objects:
         _write_labels(_label_path(out_dir, path), objs.labels, max(o.label for o in objs.objects), vol)
 
     image = None
@@ -242,21 +186,20 @@ def process_volume(
         f"{path.name}: {n} object{'s' if n != 1 else ''} ({summary['n_border']} touching the border, grey), "
         f"voxel {spacing[2]:g} x {spacing[1]:g} x {spacing[0]:g} nm"
     )
-    if int(popts["montage_slices"]) > 0:
+    if popts.montage_slices > 0:
         pictures.montage(
             objs.labels,
             spacing,
             out_dir / "montage.png",
             image=image,
             colors=colors,
-            n_slices=int(popts["montage_slices"]),
-            ncols=int(popts["montage_columns"]),
+            n_slices=popts.montage_slices,
+            ncols=popts.montage_columns,
             title=title + ("" if image is not None else " (no image given: mask only)"),
         )
-    if as_bool(popts["render_3d"], "pictures#render_3d") and parts:
-        pictures.render_surfaces(
-            parts, out_dir / "surfaces_3d.png", title=path.name, max_faces=int(popts["render_max_faces"])
-        )
+    if popts.render_3d and parts:
+        faces = popts.render_max_faces
+        pictures.render_surfaces(parts, out_dir / "surfaces_3d.png", title=path.name, max_faces=faces)
     logger.info("%s: done in %.1f s -> %s", path.name, time.perf_counter() - t0, out_dir)
     return {**meta, **summary}
 
@@ -278,46 +221,31 @@ def _volume_row(summary: dict, status: str = "ok") -> dict:
 
 
 def run(
-    dataset_dir,
-    output_dir,
-    voxel_size_nm=None,
-    image_dir=None,
-    z_closing: str = "none",
-    z_radius: int = 2,
-    connectivity: int = 3,
-    threshold: float = 0.5,
-    min_voxels: int = 500,
-    border_margin: int = 0,
-    smoothing_iterations: int = 25,
-    preserve_volume: bool = True,
-    formats=meshes.MESH_FORMATS,
-    per_object_meshes: bool = True,
-    save_labels: bool = True,
-    pictures: dict | None = None,
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    options: SurfaceOptions | None = None,
+    image_dir: str | Path | None = None,
     pattern: str = "*",
+    **settings: Any,
 ) -> list[dict]:
     """Process every mask/label volume in ``dataset_dir`` (see the module docstring).
 
     A volume that cannot be processed is logged and listed with its error in ``summary.csv``; the
     others are still processed, and a RuntimeError naming the failed files is raised at the end.
-    Returns the per-volume summaries.
+    Returns the per-volume summaries. ``options`` (configs/surfaces.json builds it) or, from Python
+    and the command line, flat ``settings`` named as the fields of the parts of
+    :class:`SurfaceOptions` (``min_voxels=20, formats=["glb"], voxel_size_nm=9.8``...).
     """
     dataset_dir, output_dir = Path(dataset_dir), Path(output_dir)
-    voxel_size_nm = _parse_voxel_size(voxel_size_nm)
-    formats = _parse_formats(formats)
-    preserve_volume = as_bool(preserve_volume, "preserve_volume")
-    per_object_meshes = as_bool(per_object_meshes, "per_object_meshes")
-    save_labels = as_bool(save_labels, "save_labels")
-    if z_closing is None or z_closing is False:
-        z_closing = "none"
-    z_closing = str(z_closing).lower()
-    if z_closing not in morphology.Z_CLOSING_MODES:
-        raise ValueError(f"z_closing must be one of {morphology.Z_CLOSING_MODES}, got {z_closing!r}")
+    if options is not None and settings:
+        raise TypeError(f"give options or settings, not both (settings: {sorted(settings)})")
+    options = options if options is not None else SurfaceOptions.from_settings(**settings)
+    image_dir = as_optional(image_dir)
     # e.g. "*_mask.mrc": inference writes each mask in several formats into one folder.
     masks = [m for m in find_volumes(dataset_dir) if fnmatch.fnmatch(m.name, pattern)]
     if not masks:
         raise VolumeError(f"{dataset_dir}: no volume matches the pattern {pattern!r}")
-    images = find_volumes(image_dir) if image_dir not in (None, "", "none", "null") else []
+    images = find_volumes(image_dir) if image_dir is not None else []
     output_dir.mkdir(parents=True, exist_ok=True)
     names: dict[str, int] = {}
     results, rows, failed = [], [], []
@@ -329,24 +257,7 @@ def run(
         if images and image_path is None:
             logger.warning("%s: no matching image in %s; montage shows the mask only", path.name, image_dir)
         try:
-            summary = process_volume(
-                path,
-                folder,
-                voxel_size_nm=voxel_size_nm,
-                image_path=image_path,
-                z_closing=z_closing,
-                z_radius=int(z_radius),
-                connectivity=int(connectivity),
-                threshold=float(threshold),
-                min_voxels=int(min_voxels),
-                border_margin=int(border_margin),
-                smoothing_iterations=int(smoothing_iterations),
-                preserve_volume=preserve_volume,
-                formats=formats,
-                per_object_meshes=per_object_meshes,
-                save_labels=save_labels,
-                pictures_options=pictures,
-            )
+            summary = process_volume(path, folder, options, image_path=image_path)
         except (VolumeError, morphology.MaskError) as err:
             logger.error("%s", err)
             failed.append(f"{path}: {err}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +23,7 @@ from scripts.io.volume import (
     open_volume,
     volume_stem,
 )
+from scripts.options import parse_slice_ranges
 
 __all__ = [
     "IGNORE_VALUE",
@@ -47,24 +48,6 @@ class LabeledVolume:
     image: Path
     label: Path
     annotated_slices: list[int]
-
-
-def parse_slice_ranges(tokens: Iterable[object], n_slices: int) -> list[int]:
-    """Sorted z indices from tokens that are ints or inclusive ranges ``a-b``.
-
-    Raises ValueError naming the bad token; callers add where it came from.
-    """
-    found: set[int] = set()
-    for token in tokens:
-        first, _, last = str(token).strip().partition("-")
-        try:
-            lo, hi = int(first), int(last or first)
-        except ValueError:
-            raise ValueError(f"{token!r} is not a slice index or range a-b") from None
-        if not 0 <= lo <= hi < n_slices:
-            raise ValueError(f"{token!r} outside slices 0..{n_slices - 1}")
-        found.update(range(lo, hi + 1))
-    return sorted(found)
 
 
 def read_slice_list(path: str | os.PathLike, n_slices: int) -> list[int]:
