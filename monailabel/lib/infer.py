@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,10 @@ def _as_float(value: Any, name: str) -> float:
         raise HTTPException(status_code=400, detail=f"{name} must be a number, got {value!r}") from None
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    from scripts.options import as_bool
-
+def _option(parse: Callable[..., Any], value: Any, name: str) -> Any:
+    """A request option parsed by the bundle's ``scripts.options``; a bad value is a 400, not a 500."""
     try:
-        return as_bool(value, name)
+        return parse(value, name)
     except ValueError as err:
         raise HTTPException(status_code=400, detail=str(err)) from None
 
@@ -54,6 +54,8 @@ class TomogramSegmentation(BasicInferTask):
 
     Request options (also listed in /info, so 3D Slicer shows them): ``tta`` (8-fold flips/rotations),
     ``threshold`` (tanh cut, 0 in the paper), ``batch_size`` (slices per forward pass),
+    ``slice_range`` (``[z0, z1)`` to segment, e.g. "10,40"; empty: all; other slices stay 0),
+    ``probability`` (return the membrane probability, uint8 0-255, instead of the mask),
     ``model_filename`` (one of ``models/*.pt``) and ``result_extension`` (``.mrc``, ``.tif``,
     ``.nii.gz``...; default: the study's own format, so that a viewer opens image and mask with the
     same reader and the same geometry). The mask is uint8 (1 = membrane) with the study's voxel size.
@@ -87,6 +89,8 @@ class TomogramSegmentation(BasicInferTask):
                 "tta": bool(raw.get("tta", False)),
                 "threshold": float(raw.get("threshold", 0.0)),
                 "batch_size": int(raw.get("batch_size", 2)),
+                "slice_range": "",
+                "probability": False,
                 "model_filename": models or ["model.pt"],
             },
             preload=False,
@@ -160,24 +164,37 @@ class TomogramSegmentation(BasicInferTask):
         if not weights.is_file():
             raise HTTPException(status_code=503, detail=f"no model weights at {weights}: train a model first "
                                 "(POST /train) or upload one (PUT /model)")
-        tta = _as_bool(data.get("tta", False), "tta")
+        from scripts.infer.segment import segment_volume, slice_bounds
+        from scripts.io.sinks import ArraySink
+        from scripts.options import as_bool, as_range
+
+        tta = _option(as_bool, data.get("tta", False), "tta")
+        probability = _option(as_bool, data.get("probability", False), "probability")
+        slices = _option(as_range, data.get("slice_range"), "slice_range")
         threshold = _as_float(data.get("threshold", 0.0), "threshold")
         batch = max(1, int(_as_float(data.get("batch_size", 2), "batch_size")))
+        try:
+            z0, z1 = slice_bounds(slices, volume.shape[0], volume.path)
+        except ValueError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from None
         predictor = self._predictor(str(device), weights, tta)
         post = self._parser(threshold=threshold).get_parsed_content("postprocessing")
 
-        n_slices = volume.shape[0]
+        # The bundle's slice-segmentation core, as the folder segmenter runs it, into memory.
         mask = np.zeros(volume.shape, dtype=np.uint8)
-        for z0 in range(0, n_slices, batch):
-            z1 = min(n_slices, z0 + batch)
-            prediction = predictor.predict(volume.data[z0:z1])
-            mask[z0:z1] = post.slices(prediction.label.numpy())
+        sinks = {"mask": [ArraySink(mask)]}
+        prob = np.zeros(volume.shape, dtype=np.uint8) if probability else None
+        if prob is not None:
+            sinks["prob"] = [ArraySink(prob)]
+        segment_volume(volume.data, predictor, post, sinks, (z0, z1), batch_size=batch, probability="uint8")
         if post.needs_volume:
             mask = post.volume(mask)
         mask *= MASK_VALUE
-        data[self.output_label_key] = mask
+        data[self.output_label_key] = prob if prob is not None else mask
         data[self.output_json_key] = {
             "shape": list(mask.shape),
+            "output": "probability (uint8, 255 = 1)" if prob is not None else "mask",
+            "slices_segmented": [z0, z1],
             "voxel_size_nm": list(volume.voxel_size_nm) if volume.voxel_size_nm else None,
             "membrane_voxels": int(np.count_nonzero(mask)),
             "weights": weights.name,

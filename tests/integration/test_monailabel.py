@@ -388,6 +388,22 @@ def test_bad_requests_get_clear_errors_and_keep_datastore(server: str, workspace
     assert datastore_state(server, studies) == before
 
 
+def test_infer_runs_the_bundle_core_with_slice_range_probability_and_tta(
+    server: str, workspace: dict[str, Path]
+) -> None:
+    params = {"slice_range": "2,5", "probability": "true", "tta": "true"}
+    status, _, body = infer(server, "cell_a", params=params)
+    assert status == 200, body[:2000]
+    path = workspace["root"] / "probability.mrc"
+    path.write_bytes(body)
+    prob = open_volume(path).data
+    assert prob.shape == SHAPE and prob.dtype == np.uint8
+    assert prob[2:5].max() > 1  # a probability map (0-255), not a 0/1 mask
+    assert not prob[:2].any() and not prob[5:].any()  # slices outside the range stay 0
+    status, _, body = infer(server, "cell_a", params={"slice_range": "5,2"})
+    assert status == 400 and b"slice range" in body, body
+
+
 # ----------------------------------------------------------------------------- no server
 
 

@@ -13,13 +13,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from scripts.infer.postprocess import PostProcessing
-from scripts.infer.predict import SlicePrediction, SlicePredictor
+from scripts.infer.predict import SlicePredictor
 from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
+from scripts.infer.segment import output_dtype, segment_volume, slice_bounds
 from scripts.io.atomic import PARTIAL_MARKER, atomic_output
-from scripts.io.pages import release_pages, trim_heap
+from scripts.io.pages import release_pages
+from scripts.io.sinks import ArraySink
 from scripts.io.volume import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
 from scripts.options import as_bool, as_choice, as_optional, as_range, as_voxel_size
 
@@ -132,13 +133,7 @@ class TomogramSegmenter:
         volume = _open_on_all_ranks(path, self.voxel_size_nm, world)
         stem = volume_stem(volume.path)
         depth = volume.data.shape[0]
-        z0, z1 = (
-            (0, depth)
-            if self.slice_range is None
-            else (max(0, self.slice_range[0]), min(depth, self.slice_range[1]))
-        )
-        if z0 >= z1:
-            raise VolumeError(f"{volume.path}: slice range {self.slice_range} is empty for {depth} slices")
+        z0, z1 = slice_bounds(self.slice_range, depth, volume.path)
         outputs = self._outputs(stem)
         if world > 1:
             foreground = self._segment_shared(volume, stem, outputs, (z0, z1), rank, world)
@@ -154,8 +149,8 @@ class TomogramSegmenter:
                 }
                 staged = self._staging(stack, volume, stem) if self.post.needs_volume else None
                 if staged is not None:
-                    writers["mask"] = [_StagedSink(staged)]
-                foreground = self._predict_all(volume, writers, (z0, z1), (0, depth))
+                    writers["mask"] = [ArraySink(staged)]
+                foreground = self._segment_range(volume, writers, (z0, z1), (0, depth))
                 if staged is not None:
                     self.post.volume(staged)
                     foreground = self._copy_staged(staged, outputs["mask"], volume, "mask", stack)
@@ -206,9 +201,9 @@ class TomogramSegmenter:
             def predict_my_part() -> None:
                 for kind, raw in raws.items():
                     staged[kind] = np.memmap(raw, dtype=self._dtype(kind), mode="r+", shape=shape)
-                writers = {kind: [_StagedSink(array)] for kind, array in staged.items()}
+                writers = {kind: [ArraySink(array)] for kind, array in staged.items()}
                 part = share_range(*z_range, rank, world, multiple=self.batch_size)
-                self._predict_all(volume, writers, z_range, part)
+                self._segment_range(volume, writers, z_range, part)
 
             _on_all_ranks(create_raw_files, volume.path)
             _on_all_ranks(predict_my_part, volume.path)
@@ -226,7 +221,7 @@ class TomogramSegmenter:
         return foreground
 
     def _dtype(self, kind: str) -> np.dtype:
-        return np.dtype({"mask": np.uint8, "prob": self.probability or "uint8"}.get(kind, np.float16))
+        return output_dtype(kind, self.probability)
 
     def _writer(self, path: Path, volume: Volume, kind: str) -> SliceWriter:
         dtype = self._dtype(kind)
@@ -238,49 +233,15 @@ class TomogramSegmenter:
         stack.callback(raw.unlink, missing_ok=True)
         return np.memmap(raw, dtype=np.uint8, mode="w+", shape=volume.data.shape)
 
-    def _predict_all(
-        self,
-        volume: Volume,
-        writers: dict,
-        z_range: tuple[int, int],
-        extent: tuple[int, int],
+    def _segment_range(
+        self, volume: Volume, writers: dict, z_range: tuple[int, int], extent: tuple[int, int]
     ) -> int:
         """Segment ``z_range`` and write the slices of ``extent`` (zeros outside the range)."""
-        z0, z1 = z_range
-        foreground = 0
-        todo = max(0, min(z1, extent[1]) - max(z0, extent[0]))
-        bar = tqdm(total=todo, desc=volume.path.name, unit="slice", disable=not self.progress, leave=False)
-        # Slices outside the range are written as zeros so that every output keeps the input's shape.
-        for start, stop in _blocks(*extent, self.batch_size, z0, z1):
-            if start >= z0 and stop <= z1:
-                prediction = self.predictor.predict(np.asarray(volume.data[start:stop]))
-                release_pages(volume.data[start:stop])
-                trim_heap()
-                mask = self.post.slices(prediction.label.numpy())
-                bar.update(stop - start)
-            else:
-                prediction, mask = None, np.zeros((stop - start, *volume.data.shape[1:]), np.uint8)
-            foreground += int(mask.sum())
-            for kind, kind_writers in writers.items():
-                block = mask if kind == "mask" else self._block(kind, prediction, stop - start, volume)
-                for writer in kind_writers:
-                    writer.write(start, block)
-        bar.close()
-        return foreground
-
-    def _block(self, kind: str, prediction: SlicePrediction | None, n: int, volume: Volume) -> np.ndarray:
-        shape = (n, *volume.data.shape[1:])
-        if prediction is None:
-            dtype = np.dtype(self.probability) if kind == "prob" and self.probability else np.float16
-            return np.zeros(shape, dtype)
-        if kind == "prob":
-            prob = (prediction.label.numpy() + 1.0) / 2.0
-            if self.probability == "uint8":
-                return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-            return prob.astype(np.float16)
-        if kind == "recon":
-            return prediction.image.numpy().astype(np.float16)
-        return prediction.variance.numpy().astype(np.float16)
+        return segment_volume(
+            volume.data, self.predictor, self.post, writers, z_range, extent=extent,
+            batch_size=self.batch_size, probability=self.probability,
+            progress=volume.path.name if self.progress else None,
+        )  # fmt: skip
 
     def _copy_staged(
         self, staged: np.memmap, paths: list[Path], volume: Volume, kind: str, stack: ExitStack
@@ -383,25 +344,6 @@ class TomogramSegmenter:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-
-
-def _blocks(start: int, stop: int, size: int, z0: int, z1: int):
-    """Slice blocks of at most ``size`` that never straddle the segmented range's edges."""
-    edges = sorted({start, stop, *(z for z in (z0, z1) if start < z < stop)})
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
-        for s in range(a, b, size):
-            yield s, min(s + size, b)
-
-
-class _StagedSink:
-    """A raw memory-mapped volume shared by the ranks, written like a :class:`SliceWriter`."""
-
-    def __init__(self, array: np.memmap) -> None:
-        self.array = array
-
-    def write(self, z0: int, block: np.ndarray) -> None:
-        self.array[z0 : z0 + block.shape[0]] = block
-        release_pages(self.array[z0 : z0 + block.shape[0]])
 
 
 def _on_all_ranks(step, path: Path) -> None:

@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import tifffile
 
 from scripts.io.atomic import PARTIAL_MARKER, atomic_output, full_suffix
 from scripts.io.pages import release_pages
+from scripts.io.sinks import Sink
 
 __all__ = [
     "MRC_SUFFIXES",
@@ -456,6 +457,8 @@ def _cast_block(block: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
 
 
 class _MrcSink:
+    """Sink: an MRC file through mrcfile's memory map; header statistics are set on close."""
+
     def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
                  vox: VoxelSize | None, origin: tuple | None) -> None:
         self.mrc = mrcfile.new_mmap(tmp, shape=shape, mrc_mode=_MRC_MODES[dtype], overwrite=True)
@@ -514,6 +517,8 @@ def _tiff_options(dtype: np.dtype, vox: VoxelSize | None) -> dict[str, Any]:
 
 
 class _TiffSink:
+    """Sink: an uncompressed TIFF through tifffile's memory map."""
+
     def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
                  vox: VoxelSize | None, origin: tuple | None) -> None:
         # An uncompressed, contiguous TIFF written through a memmap: slices may come in any order.
@@ -552,6 +557,8 @@ def _nifti_image(data_zyx: np.ndarray, dtype: np.dtype, vox: VoxelSize | None,
 
 
 class _NiftiSink:
+    """Sink: a raw memory-mapped buffer, saved as NIfTI by nibabel on close."""
+
     def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
                  vox: VoxelSize | None, origin: tuple | None) -> None:
         self.tmp, self.dtype, self.vox, self.origin = tmp, dtype, vox, origin
@@ -573,7 +580,8 @@ class _NiftiSink:
         self.buffer_path.unlink(missing_ok=True)
 
 
-_SINKS = {"mrc": _MrcSink, "tiff": _TiffSink, "nifti": _NiftiSink}
+# The format sinks behind SliceWriter (each a scripts.io.sinks.Sink writing a temporary file).
+_SINKS: dict[str, Callable[..., Sink]] = {"mrc": _MrcSink, "tiff": _TiffSink, "nifti": _NiftiSink}
 
 
 class SliceWriter:
@@ -583,7 +591,8 @@ class SliceWriter:
     Blocks are (n, y, x) (or one (y, x) slice) and may come in any order; every slice must be written
     exactly once or more before the ``with`` ends. MRC and TIFF are written through a memory map of the
     output file itself; NIfTI goes through a temporary memmap buffer next to it, then nibabel.
-    On an exception nothing is left behind.
+    On an exception nothing is left behind. Also a :class:`~scripts.io.sinks.Sink` (``close``/``abort``
+    for callers that do not use ``with``).
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype: Any,
@@ -626,6 +635,14 @@ class SliceWriter:
                               f"volume shape {self.shape}")
         self._sink.write(z_start, _cast_block(block, self.dtype, self.path))
         self._written[z_start : z_start + n] = True
+
+    def close(self) -> None:
+        """Every slice is written: finish the file and rename it into place (as ``with`` does)."""
+        self.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop the partial file (as ``with`` does on an exception)."""
+        self.__exit__(VolumeError, VolumeError(f"{self.path}: writing aborted"), None)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         sink, self._sink = self._sink, None

@@ -18,6 +18,7 @@ from scipy.spatial import ConvexHull
 from skimage.measure import find_contours, regionprops
 
 from scripts.io.atomic import atomic_output
+from scripts.io.volume import iter_slabs
 from scripts.surfaces.meshes import volume_area
 
 __all__ = [
@@ -92,9 +93,6 @@ PAPER_TABLE = {
     "2D second axis (nm)": "xs_minor_mean_nm",
 }
 
-MOMENT_SLAB = 64
-
-
 def moments(mask: np.ndarray, spacing: Sequence[float], origin: Sequence[int] = (0, 0, 0)) -> dict:
     """Voxel count, centroid and equivalent-ellipsoid axes of a boolean 3D mask, in nm.
 
@@ -111,8 +109,9 @@ def moments(mask: np.ndarray, spacing: Sequence[float], origin: Sequence[int] = 
     n = 0
     s1 = np.zeros(3)
     s2 = np.zeros((3, 3))
-    for z0 in range(0, mask.shape[0], MOMENT_SLAB):
-        idx = np.nonzero(mask[z0 : z0 + MOMENT_SLAB])
+    # np.nonzero's coordinates take up to 24 bytes (3 x int64) per voxel of a slab.
+    for z0, z1 in iter_slabs(mask.shape[0], 24 * int(np.prod(mask.shape[1:]))):
+        idx = np.nonzero(mask[z0:z1])
         if idx[0].size == 0:
             continue
         p = np.stack(idx, axis=1).astype(np.float64)

@@ -7,16 +7,18 @@ temporary would be needed, so that a 400 x 1324 x 1284 mask never gets a float c
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
+from scripts.io.volume import iter_slabs
+
 __all__ = [
     "MaskError",
     "ObjectInfo",
     "Objects",
-    "SLAB",
     "Z_CLOSING_MODES",
     "find_objects",
     "inspect_mask",
@@ -29,7 +31,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SLAB = 16  # z slices handled at a time when scanning a volume
 Z_CLOSING_MODES = ("none", "or", "closing")
 MAX_DIRECT_LABEL = 2**24  # larger label ids are renumbered
 
@@ -68,9 +69,10 @@ class Objects:
     notes: list[str] = field(default_factory=list)
 
 
-def _slabs(n: int, step: int = SLAB):
-    for z0 in range(0, n, step):
-        yield slice(z0, min(n, z0 + step))
+def _slabs(array: np.ndarray) -> Iterator[slice]:
+    """Index slices of whole z slices, as large as ``iter_slabs`` makes them (one slab policy)."""
+    slice_bytes = array.nbytes // max(1, array.shape[0])
+    return (slice(start, stop) for start, stop in iter_slabs(array.shape[0], slice_bytes))
 
 
 def inspect_mask(data: np.ndarray, name: str = "volume") -> dict:
@@ -98,7 +100,7 @@ def inspect_mask(data: np.ndarray, name: str = "volume") -> dict:
     vmin, vmax = None, None
     values: set = set()
     fractional = many = False
-    for sl in _slabs(data.shape[0]):
+    for sl in _slabs(data):
         chunk = np.asarray(data[sl])
         if is_float and np.isnan(chunk).any():
             raise MaskError(f"{name}: the mask contains NaN values")
@@ -147,7 +149,7 @@ def to_binary(data: np.ndarray, name: str = "volume", threshold: float = 0.5, in
             info["max"],
             threshold,
         )
-    for sl in _slabs(data.shape[0]):
+    for sl in _slabs(data):
         chunk = np.asarray(data[sl])
         if kind == "soft":
             np.greater(chunk, threshold, out=out[sl])
@@ -200,7 +202,7 @@ def label_components(mask: np.ndarray, connectivity: int = 3) -> tuple[np.ndarra
 
 def _voxel_counts(labels: np.ndarray, n: int) -> np.ndarray:
     counts = np.zeros(n + 1, dtype=np.int64)
-    for sl in _slabs(labels.shape[0]):
+    for sl in _slabs(labels):
         counts += np.bincount(labels[sl].ravel(), minlength=n + 1)[: n + 1]
     return counts
 
@@ -235,7 +237,7 @@ def find_objects(labels: np.ndarray, border_margin: int = 0) -> list[ObjectInfo]
 
 
 def _relabel_in_place(labels: np.ndarray, lut: np.ndarray) -> None:
-    for sl in _slabs(labels.shape[0]):
+    for sl in _slabs(labels):
         labels[sl] = lut[labels[sl]]
 
 
@@ -264,12 +266,12 @@ def prepare_objects(
         labels = np.empty(data.shape, dtype=np.int32)
         # sparse huge ids: number them 1..n (bincount/find_objects need it)
         if info["max"] > MAX_DIRECT_LABEL:
-            ids = np.unique(np.concatenate([np.unique(np.asarray(data[sl])) for sl in _slabs(data.shape[0])]))
-            for sl in _slabs(data.shape[0]):
+            ids = np.unique(np.concatenate([np.unique(np.asarray(data[sl])) for sl in _slabs(data)]))
+            for sl in _slabs(data):
                 labels[sl] = np.searchsorted(ids, np.asarray(data[sl])) + (0 if ids[0] == 0 else 1)
             notes.append(f"label ids above {MAX_DIRECT_LABEL} were renumbered 1..n in increasing order")
         else:
-            for sl in _slabs(data.shape[0]):
+            for sl in _slabs(data):
                 labels[sl] = np.asarray(data[sl])
         if z_closing != "none":
             notes.append("z-closing skipped: the input is a label volume")
