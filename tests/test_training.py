@@ -24,8 +24,9 @@ from scripts.train.engine import (
     SemiSupervisedTrainer,
     unlabeled_parameters,
 )
+from scripts.train.labels import label_to_target
 from scripts.train.losses import LabeledLoss, UnlabeledLoss
-from scripts.train.slices import LoadSliced, label_to_target
+from scripts.train.slices import LoadSliced
 from scripts.train.workflow import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -60,7 +60,7 @@ def parse_annotated_spec(spec: Any, n_slices: int) -> list[int] | str:
 def scan_label(data: np.ndarray) -> tuple[bool, list[int]]:
     """(uses 255 anywhere, z indices of slices with a membrane voxel), read slab by slab."""
     from scripts.io.volume import iter_slabs
-    from scripts.train.dataset import IGNORE_VALUE
+    from scripts.train.labels import IGNORE_VALUE
 
     uses_ignore, nonempty = False, []
     for start, stop in iter_slabs(data.shape[0], data[0].nbytes):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DoubleDecoderNet", "Bottleneck", "ResidualBlock", "count_values"]
+__all__ = ["DoubleDecoderNet", "Bottleneck", "ResidualBlock", "count_values", "pad_to_grid"]
 
 # Keras BatchNormalization defaults used by the reference (momentum 0.99 == PyTorch 0.01).
 BN_EPS = 1e-3
@@ -189,6 +189,20 @@ class LabelHead(nn.Module):
         return torch.tanh(self.out(self.conv(self.norm(x))))
 
 
+def pad_to_grid(x: torch.Tensor, pad_mode: str) -> torch.Tensor:
+    """Pad height and width to multiples of 16 (the four 2x2 poolings), centred; ``pad_mode`` as in
+    ``F.pad``. Shared by the network and its fused inference copy (``scripts.network.fusion``)."""
+    height, width = x.shape[-2], x.shape[-1]
+    pad_h, pad_w = (-height) % 16, (-width) % 16
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = pad_mode
+    # Reflection needs the padding to be smaller than the side; tiny inputs fall back.
+    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+        mode = "replicate"
+    return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], mode=mode)
+
+
 class DoubleDecoderNet(nn.Module):
     """Double-decoder network for 2D slices.
 
@@ -224,20 +238,9 @@ class DoubleDecoderNet(nn.Module):
         self.label_decoder = Decoder(self.neck.out_channels, width, skip_channels, blocks_per_stage=2)
         self.label_head = LabelHead(width)
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2], x.shape[-1]
-        pad_h, pad_w = (-height) % 16, (-width) % 16  # four 2x2 poolings
-        if pad_h == 0 and pad_w == 0:
-            return x
-        mode = self.pad_mode
-        # Reflection needs the padding to be smaller than the side; tiny inputs fall back.
-        if mode == "reflect" and (pad_h >= height or pad_w >= width):
-            mode = "replicate"
-        return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], mode=mode)
-
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         height, width = x.shape[-2], x.shape[-1]
-        x = self._pad(x)
+        x = pad_to_grid(x, self.pad_mode)
         top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
         bottom, skips = self.encoder(x)
         features = self.neck(bottom)

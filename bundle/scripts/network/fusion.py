@@ -27,9 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.network.buffers import BufferBudget, OutputBuffer, TensorPool, give_back
-from scripts.network.double_decoder import Bottleneck, Decoder, DoubleDecoderNet, NeckBranch, ResidualBlock
+from scripts.network.double_decoder import (
+    Bottleneck,
+    Decoder,
+    DoubleDecoderNet,
+    NeckBranch,
+    ResidualBlock,
+    pad_to_grid,
+)
 
-__all__ = ["FusedDoubleDecoderNet", "fuse_for_inference", "linear_flops"]
+__all__ = ["FusedDoubleDecoderNet", "fuse_for_inference"]
 
 Pad = tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
 
@@ -45,11 +52,6 @@ class _Lin:
     @property
     def is_pointwise(self) -> bool:
         return self.weight.shape[-2:] == (1, 1) and not any(self.pad)
-
-    @property
-    def macs(self) -> int:
-        """Multiply-adds per output pixel."""
-        return self.weight[0].numel() * self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(F.pad(x, self.pad), self.weight, self.bias)
@@ -195,10 +197,6 @@ def _add_border(y: torch.Tensor, delta: torch.Tensor, pad: Pad) -> torch.Tensor:
             corner = delta[:, dys, dxs] - delta[:, dys, left : left + 1] - delta[:, top : top + 1, dxs]
             y[..., ys, xs] += corner
     return y
-
-
-def linear_flops(chain: Sequence[_Lin]) -> int:
-    return sum(lin.macs for lin in chain)
 
 
 def _merge_cost(chain: Sequence[_Lin]) -> int:
@@ -443,7 +441,7 @@ class FusedDoubleDecoderNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[-2], x.shape[-1]
-        x = DoubleDecoderNet._pad(self, x)  # the network's own padding to a multiple of 16
+        x = pad_to_grid(x, self.pad_mode)  # the network's own padding to a multiple of 16
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
@@ -464,10 +462,6 @@ class FusedDoubleDecoderNet(nn.Module):
             outputs.append(image[..., top : top + height, left : left + width])
         give_back(self.pool, features)
         return outputs[0] if len(outputs) == 1 else (outputs[0], outputs[1])
-
-    def macs_per_pixel(self) -> dict[str, int]:
-        """Multiply-adds per output pixel of every fused conv (for reports)."""
-        return {name: m.macs for name, m in self.named_modules() if isinstance(m, FusedConv)}
 
 
 @torch.no_grad()

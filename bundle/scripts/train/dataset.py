@@ -24,9 +24,9 @@ from scripts.io.volume import (
     volume_stem,
 )
 from scripts.options import parse_slice_ranges
+from scripts.train.labels import IGNORE_VALUE
 
 __all__ = [
-    "IGNORE_VALUE",
     "LabeledVolume",
     "annotated_slices",
     "list_training_data",
@@ -36,7 +36,6 @@ __all__ = [
     "split_by_file",
 ]
 
-IGNORE_VALUE = 255
 SIDECAR_SUFFIX = ".slices.txt"
 T = TypeVar("T")
 

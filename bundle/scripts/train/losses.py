@@ -1,4 +1,4 @@
-"""Losses of the two training steps (METHOD.md section 3).
+"""Losses of the two training steps (Dyhr, Sadeghi et al., PNAS 2023, doi 10.1073/pnas.2209938120).
 
 Labeled step: ``0.99 * Huber_0.1(label, label_hat) + 0.01 * Huber_0.1(image, image_hat)``.
 Unlabeled step: ``0.5 * (1 - SSIM(image, image_hat)) + 0.5 * Huber_0.1(image, image_hat)``.

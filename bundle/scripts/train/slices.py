@@ -11,15 +11,14 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from scripts.io.volume import Volume, as_float_slice, open_volume
-from scripts.train.dataset import IGNORE_VALUE
+from scripts.train.labels import label_to_target
 
-__all__ = ["LoadSliced", "VolumeCache", "label_to_target"]
+__all__ = ["LoadSliced", "VolumeCache"]
 
 
 class VolumeCache:
@@ -43,17 +42,6 @@ class VolumeCache:
     def __getstate__(self) -> dict[str, Any]:
         # Spawned workers reopen files themselves; memmaps are not sent through pickles.
         return {"size": self.size, "_volumes": OrderedDict()}
-
-
-def label_to_target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(target, mask) for a uint8 label slice: membrane (any value but 0 and 255) -> +1,
-    background 0 -> -1, not annotated 255 -> target -1 with mask 0. Both float32, same shape."""
-    raw = np.asarray(raw)
-    if raw.dtype == np.int8:  # MRC mode 0 written without the IMOD unsigned flag: 255 reads as -1
-        raw = raw.view(np.uint8)
-    mask = raw != IGNORE_VALUE
-    target = np.where(mask & (raw != 0), 1.0, -1.0).astype(np.float32)
-    return target, mask.astype(np.float32)
 
 
 class LoadSliced(MapTransform):

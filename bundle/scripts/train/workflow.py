@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
+from ignite.handlers import EarlyStopping, ProgressBar
 from monai.handlers import (
     CheckpointLoader,
     CheckpointSaver,
@@ -139,7 +139,11 @@ def ssim_data_range(
 
 def _attached(engine: Engine, cls: type) -> list[Any]:
     """Handler objects of type ``cls`` attached to ``engine``, in attachment order (bound methods are
-    resolved to their object; Ignite keeps handlers in ``_event_handlers``)."""
+    resolved to their object).
+
+    Ignite has no public way to list an engine's handlers (``has_event_handler`` only checks a known
+    one, and the CheckpointSavers are attached by the evaluator's config), hence ``_event_handlers``.
+    """
     found: list[Any] = []
     for handlers in engine._event_handlers.values():
         for handler, _, _ in handlers:
@@ -158,6 +162,8 @@ class _EvaluatorState:
         self.engine = engine
 
     def state_dict(self) -> dict[str, Any]:
+        # MONAI's CheckpointSaver loads its best-model list (load_state_dict) but has no state_dict to
+        # save it; the list lives in its Ignite Checkpoint, whose state_dict is public.
         savers = [s._key_metric_checkpoint for s in _attached(self.engine, CheckpointSaver)]
         return {
             "best_metric": float(self.engine.state.best_metric),
@@ -171,7 +177,7 @@ class _EvaluatorState:
         self.engine.state.best_metric_epoch = state["best_metric_epoch"]
         savers = _attached(self.engine, CheckpointSaver)
         for saver, saved in zip(savers, state.get("savers", []), strict=False):
-            if saved and saver._key_metric_checkpoint is not None:
+            if saved:  # saved only by a saver that keeps the best model, as the configured one does
                 saver.load_state_dict(saved)
         stoppers = _attached(self.engine, EarlyStopOnValidation)
         for stopper, saved in zip(stoppers, state.get("early_stops", []), strict=False):
@@ -243,34 +249,41 @@ class ResumeFromCheckpoint:
         loader(engine)
 
 
-class EarlyStopOnValidation(EarlyStopHandler):
+class EarlyStopOnValidation:
     """Stop training when the evaluator's key metric (or ``metric_name``) has not improved for
     ``patience`` validation rounds. Listed among the trainer's handlers; it listens to the evaluator
-    (no config cycle trainer <-> evaluator). ``patience`` <= 0 disables it.
+    (no config cycle trainer <-> evaluator). ``patience`` <= 0 disables it. Ignite's ``EarlyStopping``
+    does the counting; its state (the counter and best score) is saved in ``last.pt``.
     """
 
     def __init__(
         self, evaluator: Engine, patience: int, metric_name: str | None = None, min_delta: float = 0.0
     ) -> None:
-        super().__init__(patience=max(1, int(patience)), score_function=self._score, min_delta=min_delta)
         self.enabled = int(patience) > 0
+        self.patience = max(1, int(patience))
+        self.min_delta = float(min_delta)
         self.evaluator = evaluator
         self.metric_name = metric_name
+        self.stopping: EarlyStopping | None = None
 
     def _score(self, engine: Engine) -> float:
         return float(engine.state.metrics[self.metric_name or engine.state.key_metric_name])
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
-            self.set_trainer(engine)
+            self.stopping = EarlyStopping(self.patience, self._score, engine, min_delta=self.min_delta)
             self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def __call__(self, evaluator: Engine) -> None:
+        if self.stopping is not None:
+            self.stopping(evaluator)
+
     def state_dict(self) -> dict[str, Any]:
-        return dict(self._handler.state_dict()) if self._handler is not None else {}
+        return dict(self.stopping.state_dict()) if self.stopping is not None else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state and self._handler is not None:
-            self._handler.load_state_dict(state)
+        if state and self.stopping is not None:
+            self.stopping.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -326,7 +339,8 @@ class TrainProgressBar(ProgressBar):
 # Handlers every DDP rank needs: validation and early stopping run everywhere (the metrics are
 # all-reduced, so all ranks stop together), every rank loads the resume checkpoint.
 ALL_RANK_HANDLERS = (
-    ValidationHandler, EarlyStopHandler, CheckpointLoader, ResumeFromCheckpoint, LrScheduleHandler
+    ValidationHandler, EarlyStopHandler, EarlyStopOnValidation, CheckpointLoader, ResumeFromCheckpoint,
+    LrScheduleHandler,
 )
 
 
