@@ -1,4 +1,4 @@
-"""Tomogram files in and out: formats, voxel sizes, crash-safe writes, memory of large volumes.
+"""Tomogram files in and out: formats, voxel sizes, crash-safe writes, sinks, memory of large volumes.
 
-Lowest layer: imports ``scripts.options`` only, never the network or a workflow.
+Lowest layer: imports nothing from the rest of the bundle.
 """

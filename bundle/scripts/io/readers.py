@@ -1,4 +1,4 @@
-"""MONAI ImageReaders for tomograms, built on ``volume_io.open_volume``.
+"""MONAI ImageReaders for tomograms, built on ``scripts.io.volume.open_volume``.
 
 Arrays stay in (z, y, x) order and spacing is in nm, (z, y, x). The affine maps array indices
 (z, y, x) to nm in the same order; it is not a RAS/LPS patient frame, so do not use Orientation(d) or

@@ -3,7 +3,7 @@
 One encoder feeds a three-branch neck; an image decoder (no skips) reconstructs the input and a
 label decoder (U-Net skips) segments membranes. Sub-modules are declared in the order the
 published Keras model builds its layers, so ``named_parameters()`` and the BN buffers follow the
-order of a Keras ``save_weights`` file (see ``keras_weights.py``).
+order of a Keras ``save_weights`` file (see ``scripts.network.keras``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Semi-supervised training: training-folder layout, slice loading, engine, losses, metrics, handlers.
+"""Semi-supervised training: label convention, folder layout, slice loading, engine, losses, metrics,
+the handlers the configs attach.
 
-Imports ``scripts.network``, ``scripts.io`` and ``scripts.options``; never ``infer`` or ``surfaces``.
+Imports ``scripts.io`` and ``scripts.options`` (the network comes from the config); never ``infer``
+or ``surfaces``.
 """
