@@ -243,6 +243,8 @@ class Cell:
     power: float
     amps: np.ndarray
     phases: np.ndarray
+    wall_nm: float = 0.0  # walled cells (yeast): wall thickness outside the plasma membrane
+    wall_lac: float = 0.0
 
     def _outline(self, phi):
         k = np.arange(2, 2 + len(self.amps)).reshape((-1,) + (1,) * np.ndim(phi))
