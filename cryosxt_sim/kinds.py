@@ -89,13 +89,13 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 
 def draw_sample(rng: np.random.Generator, cell: str | None = None) -> Sample:
-    """A random sample: kind (unless given), density 0.5-2x, ice 0.8-1.6x the volume, background,
+    """A random sample: kind (unless given), density 0.5-2x, ice 0.7-1.5x the volume, background,
     and varied appearance. Ranges in docs/simulator.md."""
     kind = str(rng.choice(sorted(KINDS)))
     if cell not in (None, "random"):
         kind = str(cell)
     background = str(rng.choice(BACKGROUNDS, p=[0.4, 0.3, 0.3]))
     return Sample(cell=kind, density=round(_log_uniform(rng, 0.5, 2.0), 3),
-                  ice_ratio=round(float(rng.uniform(0.8, 1.6)), 3), background=background, varied=True,
+                  ice_ratio=round(float(rng.uniform(0.7, 1.5)), 3), background=background, varied=True,
                   cytoplasm_lac=round(float(rng.uniform(0.26, 0.36)), 3),
                   membrane_lac=round(float(rng.uniform(0.65, 0.9)), 3))

@@ -314,6 +314,8 @@ class Builder:
             return None
         sep = self.rng.uniform(30.0, 50.0)
         b = self.cv.block(c - radii.max() - self.v, c + radii.max() + self.v)
+        if b is None:  # a large cell's nucleus can lie wholly outside the grid
+            return None
         d = sdf_ellipsoid(b, c, radii, rot)
         t = self.tex[b.sl]
         # Heterochromatin lines the envelope: lateral distance only (z radius inflated), so the flat
@@ -483,7 +485,7 @@ class Builder:
 
 ORGANELLES = ("mitochondrion", "droplet", "vesicle", "er", "granule")  # drawing order
 DENSITY = KINDS["mammalian"].density  # per um^2 of cell area (inside the FOV; half that in the padding)
-GOLD_BEADS = (2, 6)  # background "gold": beads on the ice surfaces
+GOLD_BEADS = (1, 4)  # background "gold": beads on the ice surfaces
 
 
 def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, int], rng: np.random.Generator,
