@@ -24,7 +24,7 @@ __all__ = ["HELD_OUT", "INSTRUMENTS", "RANDOM", "Instrument", "draw_instrument",
 
 RANDOM = "random"
 DRAW_STREAM = 0x5E7D  # appended to the tomogram's seed: the draw's own random stream
-MAX_SIRT_WORK = 2700  # random draws: projections x SIRT iterations at most (bessy: 131 x 20)
+MAX_SIRT_WORK = 2000  # random draws: projections x SIRT iterations at most (bessy: 131 x 20 = 2620)
 
 
 @dataclass(frozen=True)
