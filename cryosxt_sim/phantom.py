@@ -1,293 +1,50 @@
 """Cell phantoms for the cryo-SXT simulator: analytic geometry in nm, a LAC map, exact ground truth.
 
-Every object is an implicit surface with an (approximate) signed distance d in nm (negative
-inside). The LAC map is painted with partial-volume occupancies of d, the ground truth is the
-band |d| <= 1.25 voxels around each membrane surface (2-3 voxels thick at any voxel size).
-Coordinates: (z, y, x) in nm, voxel (0, 0, 0) of the field of view (FOV) at the origin. The
-phantom grid is the FOV padded laterally in x (tilted rays see the slab beyond the FOV) and in z
-(the ice can be thicker than the reconstructed volume).
+Objects are implicit surfaces painted with the primitives of ``geometry``. The phantom grid is the
+FOV padded laterally in x (tilted rays see the slab beyond the FOV) and in z (the ice can be thicker
+than the reconstructed volume).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-# Linear absorption coefficients (1/um) near 517 eV; sources and ranges in docs/simulator.md.
-LAC = {
-    "ice": 0.109,
-    "cytoplasm": 0.30,
-    "actin": 0.38,
-    "nucleoplasm": 0.22,
-    "heterochromatin": 0.42,
-    "nucleolus": 0.48,
-    "perinuclear": 0.20,
-    "mito_matrix": 0.42,
-    "membrane": 0.80,
-    "er_lumen": 0.22,
-    "granule": 0.55,
-    "gold": 15.0,
-}
-MEMBRANE_NM = 25.0  # apparent thickness of a membrane (bilayer + bound protein) in the image
-GT_HALF_VOXELS = 1.25  # ground truth = |d| <= 1.25 voxels: 2-3 voxels thick
-MARGIN_NM = 20.0  # minimum gap between placed objects
+from cryosxt_sim.geometry import (
+    GT_HALF_VOXELS,
+    LAC,
+    MARGIN_NM,
+    MEMBRANE_NM,
+    PROBE_DIRS,
+    Block,
+    Canvas,
+    Cell,
+    block_shape,
+    ellipsoid_f,
+    floats,
+    gt_band,
+    plain,
+    rnd,
+    rotation,
+    sdf_ellipsoid,
+    sdf_segment,
+    sdf_sphere,
+    segment_gap,
+    shell,
+    smin,
+    smooth_noise,
+    solid,
+    unit2,
+)
+from cryosxt_sim.granules import scatter_granules
+from cryosxt_sim.kinds import KINDS, CellKind, Sample
+from cryosxt_sim.support import carbon_film
+from cryosxt_sim.yeast import vacuoles, walled_cells
 
-_DIRS = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)
-                  if (a, b, c) != (0, 0, 0)], dtype=np.float64)  # probe directions for fit tests
-_DIRS /= np.linalg.norm(_DIRS, axis=1, keepdims=True)
-
-
-# ---------------------------------------------------------------- grid and painting
-
-
-@dataclass
-class Block:
-    """A box of the phantom grid: slices, open-grid nm coordinates, and its part inside the FOV."""
-
-    sl: tuple[slice, slice, slice]
-    z: np.ndarray
-    y: np.ndarray
-    x: np.ndarray
-    fov_sl: tuple[slice, slice, slice] | None
-    sub_sl: tuple[slice, slice, slice] | None
-
-
-@dataclass
-class Canvas:
-    """LAC map on the padded grid; membrane mask and instance map on the FOV."""
-
-    fov: tuple[int, int, int]
-    offset: tuple[int, int, int]  # padded index of FOV voxel (0, 0, 0)
-    shape: tuple[int, int, int]
-    voxel: float
-    mu: np.ndarray = field(init=False)
-    membrane: np.ndarray = field(init=False)
-    instances: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.mu = np.zeros(self.shape, np.float32)
-        self.membrane = np.zeros(self.fov, np.uint8)
-        self.instances = np.zeros(self.fov, np.uint16)
-
-    def block(self, lo_nm, hi_nm) -> Block | None:
-        """The grid box covering [lo, hi] (nm), clipped to the grid; None if empty."""
-        sl, fsl, ssl, coords = [], [], [], []
-        for a in range(3):
-            i0 = max(0, int(math.floor(lo_nm[a] / self.voxel)) + self.offset[a] - 1)
-            i1 = min(self.shape[a], int(math.ceil(hi_nm[a] / self.voxel)) + self.offset[a] + 2)
-            if i1 <= i0:
-                return None
-            sl.append(slice(i0, i1))
-            f0, f1 = max(i0 - self.offset[a], 0), min(i1 - self.offset[a], self.fov[a])
-            fsl.append(slice(f0, f1) if f1 > f0 else None)
-            ssl.append(slice(f0 + self.offset[a] - i0, f1 + self.offset[a] - i0) if f1 > f0 else None)
-            c = ((np.arange(i0, i1) - self.offset[a]) * self.voxel).astype(np.float32)
-            shape = [1, 1, 1]
-            shape[a] = -1
-            coords.append(c.reshape(shape))
-        inside = all(s is not None for s in fsl)
-        return Block(tuple(sl), *coords, tuple(fsl) if inside else None, tuple(ssl) if inside else None)
-
-    def paint(self, b: Block, value, alpha: np.ndarray) -> None:
-        """Alpha-blend `value` (scalar or array) into the LAC map."""
-        m = self.mu[b.sl]
-        m += alpha * (value - m)
-
-    def mark(self, b: Block, mask: np.ndarray, instance: int = 0, membrane: bool = False) -> None:
-        """Write an instance id and/or membrane label where `mask` holds, inside the FOV."""
-        if b.fov_sl is None:
-            return
-        sub = np.broadcast_to(mask, _block_shape(b))[b.sub_sl]
-        if membrane:
-            self.membrane[b.fov_sl][sub] = 1
-        if instance:
-            self.instances[b.fov_sl][sub] = instance
-
-    def touches_fov(self, b: Block | None) -> bool:
-        return b is not None and b.fov_sl is not None
-
-
-def _block_shape(b: Block) -> tuple[int, int, int]:
-    return (b.z.shape[0], b.y.shape[1], b.x.shape[2])
-
-
-def solid(d: np.ndarray, v: float) -> np.ndarray:
-    """Partial-volume occupancy of the inside (d < 0) of a surface, voxel size v."""
-    out = np.multiply(d, np.float32(-1.0 / v), dtype=np.float32)
-    out += np.float32(0.5)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def shell(d: np.ndarray, t: float, v: float) -> np.ndarray:
-    """Occupancy of a sheet of thickness t centred on d = 0: overlap of [-t/2, t/2] with the voxel."""
-    ad = np.abs(d, dtype=np.float32)
-    hi = np.minimum(ad + np.float32(v / 2), np.float32(t / 2))
-    ad -= np.float32(v / 2)
-    np.maximum(ad, np.float32(-t / 2), out=ad)
-    hi -= ad
-    np.clip(hi, 0.0, None, out=hi)
-    hi *= np.float32(1.0 / v)
-    return hi
-
-
-def gt_band(d: np.ndarray, v: float) -> np.ndarray:
-    """Ground-truth membrane: voxel centres within 1.25 voxels of the surface."""
-    return np.abs(d) <= GT_HALF_VOXELS * v
-
-
-# ---------------------------------------------------------------- signed distances
-
-
-def _f(v) -> list[float]:
-    """Python floats, so float32 grids stay float32 (NumPy 2 scalars are not 'weak')."""
-    return [float(a) for a in np.ravel(v)]
-
-
-def sdf_sphere(b: Block, c, r: float) -> np.ndarray:
-    c = _f(c)
-    return np.sqrt((b.z - c[0]) ** 2 + (b.y - c[1]) ** 2 + (b.x - c[2]) ** 2) - np.float32(r)
-
-
-def sdf_ellipsoid(b: Block, c, radii, rot: np.ndarray) -> np.ndarray:
-    """First-order distance to an ellipsoid; rot columns are its axes in (z, y, x)."""
-    c, radii, r = _f(c), _f(radii), np.asarray(rot, np.float64)
-    dz, dy, dx = b.z - c[0], b.y - c[1], b.x - c[2]
-    k0 = np.zeros(1, np.float32)
-    k1 = np.zeros(1, np.float32)
-    for i in range(3):
-        q = float(r[0, i]) * dz + float(r[1, i]) * dy + float(r[2, i]) * dx
-        k0 = k0 + (q * (1.0 / radii[i])) ** 2
-        k1 = k1 + (q * (1.0 / radii[i] ** 2)) ** 2
-    k0, k1 = np.sqrt(k0), np.sqrt(k1)
-    return k0 * (k0 - 1.0) / np.maximum(k1, 1e-9)
-
-
-def ellipsoid_f(points: np.ndarray, c, radii, rot: np.ndarray) -> np.ndarray:
-    """Implicit value |q| - 1 at (n, 3) points (negative inside)."""
-    q = (points - np.asarray(c)) @ rot / np.asarray(radii)
-    return np.linalg.norm(q, axis=1) - 1.0
-
-
-def sdf_segment(b: Block, p0, p1, r: float) -> np.ndarray:
-    """Exact distance to a capsule (segment p0-p1 of radius r)."""
-    p0 = _f(p0)
-    a = [q - p for q, p in zip(_f(p1), p0, strict=True)]
-    aa = sum(x * x for x in a) or 1e-9
-    dz, dy, dx = b.z - p0[0], b.y - p0[1], b.x - p0[2]
-    t = np.clip((dz * a[0] + dy * a[1] + dx * a[2]) * (1.0 / aa), 0.0, 1.0)
-    return np.sqrt((dz - t * a[0]) ** 2 + (dy - t * a[1]) ** 2 + (dx - t * a[2]) ** 2) - float(r)
-
-
-def smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
-    """Smooth union (polynomial smooth minimum) with a fillet of size k nm."""
-    h = np.clip(k - np.abs(a - b), 0.0, None) / k
-    return np.minimum(a, b) - h * h * k * 0.25
-
-
-def rotation(axis: np.ndarray, rng: np.random.Generator, roll: float = 0.3) -> np.ndarray:
-    """Orthonormal frame (columns, in (z, y, x)) whose first column is `axis`, second as flat as possible."""
-    a = axis / np.linalg.norm(axis)
-    up = np.array([1.0, 0.0, 0.0])
-    b = np.cross(a, up)
-    if np.linalg.norm(b) < 1e-6:
-        b = np.cross(a, np.array([0.0, 1.0, 0.0]))
-    b /= np.linalg.norm(b)
-    c = np.cross(a, b)
-    ang = rng.uniform(-roll, roll)  # small roll about the long axis
-    b, c = math.cos(ang) * b + math.sin(ang) * c, -math.sin(ang) * b + math.cos(ang) * c
-    return np.stack([a, b, c], axis=1)
-
-
-# ---------------------------------------------------------------- texture
-
-
-def smooth_noise(shape: tuple[int, int, int], steps: tuple[float, ...], weights: tuple[float, ...],
-                 rng: np.random.Generator) -> np.ndarray:
-    """Unit-variance sum of value-noise octaves with correlation lengths `steps` (voxels).
-
-    Octaves are summed on the finest coarse grid, then upsampled once (trilinear, torch: fast
-    and, unlike small BLAS products, robust on a busy machine).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    fine = max(min(steps), 2.0)
-    cshape = tuple(int(math.ceil((n - 1) / fine)) + 2 for n in shape)
-    coarse = np.zeros(cshape, np.float32)
-    for step, w in zip(steps, weights, strict=True):
-        if step <= fine:
-            oct_ = ndimage.gaussian_filter(rng.standard_normal(cshape).astype(np.float32), 0.7)
-        else:
-            oct_ = smooth_noise(cshape, (step / fine,), (1.0,), rng)
-        coarse += np.float32(w) * (oct_ - oct_.mean()) / (oct_.std() + 1e-6)
-    up = F.interpolate(torch.from_numpy(coarse)[None, None], size=tuple(shape), mode="trilinear",
-                       align_corners=True)
-    out = up[0, 0].numpy()
-    out -= out.mean()
-    out /= out.std() + 1e-6
-    return out
-
-
-# ---------------------------------------------------------------- cell body
-
-
-@dataclass
-class Cell:
-    """Flattened cell body: wobbly outline R(phi) in xy, superellipse profile in z."""
-
-    center: np.ndarray  # (z, y, x) nm
-    radius: float
-    half_height: float
-    power: float
-    amps: np.ndarray
-    phases: np.ndarray
-
-    def _outline(self, phi):
-        k = np.arange(2, 2 + len(self.amps)).reshape((-1,) + (1,) * np.ndim(phi))
-        a = self.amps.reshape(k.shape)
-        ph = self.phases.reshape(k.shape)
-        r = self.radius * (1.0 + (a * np.cos(k * phi + ph)).sum(0))
-        dr = self.radius * (-(a * k * np.sin(k * phi + ph)).sum(0))
-        return r, dr
-
-    def u2(self, y, x):
-        """(rho / R(phi))^2 and its squared gradient magnitude (per nm^2) in xy."""
-        dy, dx = y - self.center[1], x - self.center[2]
-        rho = np.hypot(dy, dx)
-        r, dr = self._outline(np.arctan2(dy, dx))
-        u = rho / r
-        return u * u, 4.0 * u * u * (1.0 + (dr / r) ** 2) / r**2
-
-    def wz(self, z):
-        w = np.abs(z - self.center[0]) / self.half_height
-        return w**self.power, (self.power * w ** (self.power - 1.0) / self.half_height) ** 2
-
-    def sdf(self, b: Block) -> np.ndarray:
-        """First-order distance f / |grad f| (nm); exact on the surface, used near it."""
-        u2, gu = (a.astype(np.float32) for a in self.u2(b.y.astype(np.float64), b.x.astype(np.float64)))
-        wp, gw = (a.astype(np.float32) for a in self.wz(b.z.astype(np.float64)))
-        f = u2 + (wp - np.float32(1.0))
-        g = gu + (gw + np.float32(1e-12))
-        np.sqrt(g, out=g)
-        f /= g
-        return f
-
-    def f_points(self, p: np.ndarray) -> np.ndarray:
-        u2, _ = self.u2(p[:, 1], p[:, 2])
-        wp, _ = self.wz(p[:, 0])
-        return u2 + wp - 1.0
-
-    def half_height_at(self, y: float, x: float) -> float:
-        u2, _ = self.u2(np.array([y]), np.array([x]))
-        return float(self.half_height * max(0.0, 1.0 - u2[0]) ** (1.0 / self.power))
-
-    def bbox(self) -> tuple[np.ndarray, np.ndarray]:
-        r = self.radius * (1.0 + np.abs(self.amps).sum())
-        ext = np.array([self.half_height, r, r])
-        return self.center - ext, self.center + ext
+__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "Phantom", "build_phantom"]
 
 
 # ---------------------------------------------------------------- the phantom
@@ -303,24 +60,15 @@ class Phantom:
     info: dict
 
 
-def _plain(v):
-    """JSON-ready Python value (NumPy scalars -> float/int)."""
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
-
-
-def _r(v, digits: int = 2) -> list:
-    return np.round(np.asarray(v, np.float64), digits).tolist()
-
-
-class _Builder:
+class Builder:
     """Places and paints the objects of one phantom, in drawing order."""
 
-    def __init__(self, fov, voxel, pad, rng, fiducials):
+    def __init__(self, fov, voxel, pad, rng, fiducials, kind: CellKind | None = None,
+                 sample: Sample | None = None):
         self.rng = rng
+        self.kind = kind or KINDS["mammalian"]
+        self.sample = sample = sample or Sample()
+        self.lac = {**LAC, **sample.lac_overrides()}
         self.v = float(voxel)
         nz, ny, nx = fov
         self.fov_nm = np.array(fov, float) * self.v
@@ -338,15 +86,15 @@ class _Builder:
         self.tex = smooth_noise(shape, (90.0 / self.v, 35.0 / self.v), (1.0, 0.6), rng)
 
     # -- bookkeeping
-    def _add(self, kind: str, block: Block | None, membrane: bool, **params) -> int:
+    def add(self, kind: str, block: Block | None, membrane: bool, **params) -> int:
         """Register an object; returns its provisional id (0 if it never reaches the FOV)."""
         if not self.cv.touches_fov(block):
             return 0
-        params = {k: _plain(v) for k, v in params.items()}
+        params = {k: plain(v) for k, v in params.items()}
         self.objects.append({"id": len(self.objects) + 1, "kind": kind, "membrane": membrane, **params})
         return len(self.objects)
 
-    def _half_room(self, cell: Cell) -> float:
+    def half_room(self, cell: Cell) -> float:
         """Largest half height an organelle can use: the cell's, within the ice."""
         return min(cell.half_height, (self.ice_z[1] - self.ice_z[0]) / 2)
 
@@ -358,17 +106,17 @@ class _Builder:
         self.cv.membrane[outside] = 0
         self.cv.instances[outside] = 0
 
-    def _free(self, c: np.ndarray, r: np.ndarray) -> bool:
+    def free(self, c: np.ndarray, r: np.ndarray) -> bool:
         if not len(self.occ_r):
             return True
         d = np.linalg.norm(c[:, None, :] - self.occ_c[None], axis=2)
         return bool(np.all(d >= r[:, None] + self.occ_r[None] + MARGIN_NM))
 
-    def _occupy(self, c: np.ndarray, r: np.ndarray) -> None:
+    def occupy(self, c: np.ndarray, r: np.ndarray) -> None:
         self.occ_c = np.vstack([self.occ_c, c])
         self.occ_r = np.concatenate([self.occ_r, r])
 
-    def _in_cell(self, cell: Cell, pts: np.ndarray, nucleus=None, in_ice: bool = True) -> bool:
+    def in_cell(self, cell: Cell, pts: np.ndarray, nucleus=None, in_ice: bool = True) -> bool:
         """All probe points inside the cell (and the ice), outside the nucleus frame if given."""
         if np.any(cell.f_points(pts) > -0.02):
             return False
@@ -379,15 +127,22 @@ class _Builder:
         return True
 
     def _sample_xy(self, cell: Cell, in_fov: bool) -> tuple[float, float]:
+        lo, hi = cell.bbox()
+        if in_fov and self.kind.layout == "walled":  # several small cells: where this one meets the FOV
+            lo, hi = np.maximum(lo, 0.0), np.minimum(hi, self.fov_nm)
+            if np.all(hi[1:] > lo[1:]):
+                return self.rng.uniform(lo[1], hi[1]), self.rng.uniform(lo[2], hi[2])
         if in_fov:
             return self.rng.uniform(0, self.fov_nm[1]), self.rng.uniform(0, self.fov_nm[2])
-        lo, hi = cell.bbox()
         return (self.rng.uniform(max(lo[1], self.lo[1]), min(hi[1], self.hi[1])),
                 self.rng.uniform(max(lo[2], self.lo[2]), min(hi[2], self.hi[2])))
 
     # -- slab and cells
     def ice(self, sectioned: bool) -> tuple[float, float]:
-        t = self.rng.uniform(1.05, 1.3) if sectioned else self.rng.uniform(0.8, 1.3)
+        if self.sample.ice_ratio is None:
+            t = self.rng.uniform(1.05, 1.3) if sectioned else self.rng.uniform(0.8, 1.3)
+        else:  # drawn with the sample; a section's faces stay outside the volume
+            t = max(self.sample.ice_ratio, 1.05) if sectioned else self.sample.ice_ratio
         t *= self.fov_nm[0]
         t = min(t, self.hi[0] - self.lo[0] - 2 * self.v)
         shift = 0.0 if sectioned else self.rng.uniform(-0.1, 0.1)  # sections: faces outside the FOV
@@ -396,7 +151,7 @@ class _Builder:
         b = self.cv.block(self.lo, self.hi)
         d = np.maximum(z0 - b.z, b.z - (z0 + t))  # slab as an implicit surface
         self.ice_occ = solid(d, self.v)  # (nz, 1, 1): everything is cut at the sample faces
-        self.cv.paint(b, LAC["ice"], self.ice_occ)
+        self.cv.paint(b, self.lac["ice"], self.ice_occ)
         self.ice_z = (z0, z0 + t)
         return self.ice_z
 
@@ -405,14 +160,15 @@ class _Builder:
         (the volume is a section through a thick cell); else the whole cell lies in the ice."""
         ctr = self.fov_nm / 2
         side = max(self.fov_nm[1], self.fov_nm[2])
-        two = self.rng.random() < 0.3
+        k = self.kind
+        two = self.rng.random() < k.p_two
         n = 2 if two else 1
         ang0 = self.rng.uniform(0, 2 * np.pi)
         out = []
         for i in range(n):
-            radius = self.rng.uniform(0.3, 0.5) * side if two else self.rng.uniform(0.5, 0.9) * side
+            radius = self.rng.uniform(0.3, 0.5) * side if two else self.rng.uniform(*k.radius_one) * side
             ang = ang0 + np.pi * i
-            dist = radius * (self.rng.uniform(1.15, 1.3) if two else self.rng.uniform(0.2, 0.9))
+            dist = radius * (self.rng.uniform(1.15, 1.3) if two else self.rng.uniform(*k.dist_one))
             room = ice[1] - ice[0] - 2 * MARGIN_NM
             if sectioned:
                 hh = self.rng.uniform(0.75, 2.0) * room
@@ -426,8 +182,9 @@ class _Builder:
         return out
 
     def paint_cell(self, cell: Cell, others: list[Cell]) -> None:
-        filos = self._filopodia(cell, others)
+        filos = self._filopodia(cell, others) if self.kind.filopodia else []
         lo, hi = cell.bbox()
+        lo, hi = lo - cell.wall_nm, hi + cell.wall_nm
         for p0, p1, r in filos:
             lo = np.minimum(lo, np.minimum(p0, p1) - r - 40.0)
             hi = np.maximum(hi, np.maximum(p0, p1) + r + 40.0)
@@ -445,14 +202,21 @@ class _Builder:
             df = sdf_segment(fb, p0, p1, r)
             d_cell[rel] = smin(d_cell[rel], df, 40.0)
             parts.append((fb, rel, df, (p0, p1, r)))
-        self.cv.paint(b, LAC["cytoplasm"] + np.float32(0.04) * self.tex[b.sl], solid(d_cell, self.v))
+        if cell.wall_nm > 0:  # walled cells: the wall outside the plasma membrane, under the cytoplasm
+            wall = solid(d_cell - np.float32(cell.wall_nm), self.v)
+            self.cv.paint(b, cell.wall_lac + np.float32(0.03) * self.tex[b.sl], wall)
+        self.cv.paint(b, self.lac["cytoplasm"] + np.float32(0.04) * self.tex[b.sl], solid(d_cell, self.v))
         for fb, rel, df, _ in parts:  # actin-rich filopodium core, outside the body
-            self.cv.paint(fb, LAC["actin"], solid(df, self.v) * (1 - solid(d_body[rel], self.v)))
-        cid = self._add("cell", b, True, center_nm=_r(cell.center), radius_nm=round(cell.radius, 1),
+            self.cv.paint(fb, self.lac["actin"], solid(df, self.v) * (1 - solid(d_body[rel], self.v)))
+        cid = self.add("cell", b, True, center_nm=rnd(cell.center), radius_nm=round(cell.radius, 1),
                         half_height_nm=round(cell.half_height, 1), profile_power=round(cell.power, 2))
         self.cv.mark(b, d_cell <= 0, instance=cid)
+        if cell.wall_nm > 0:  # not a lipid membrane: an instance, never in the mask
+            wid = self.add("cell_wall", b, False, parent=cid, thickness_nm=round(cell.wall_nm, 1),
+                           lac_per_um=round(cell.wall_lac, 3))
+            self.cv.mark(b, (d_cell > 0) & (d_cell <= cell.wall_nm), instance=wid)
         for fb, rel, df, (p0, p1, r) in parts:
-            fid = self._add("filopodium", fb, True, parent=cid, **self._filo_params(cell, p0, p1, r))
+            fid = self.add("filopodium", fb, True, parent=cid, **self._filo_params(cell, p0, p1, r))
             self.cv.mark(fb, (df < d_body[rel]) & (d_cell[rel] <= 0), instance=fid)
         self.pm = (b, d_cell)  # plasma membrane painted last, over the organelles
 
@@ -461,7 +225,7 @@ class _Builder:
             return
         b, d = self.pm
         self.pm = None
-        self.cv.paint(b, LAC["membrane"], shell(d, MEMBRANE_NM, self.v))
+        self.cv.paint(b, self.lac["membrane"], shell(d, MEMBRANE_NM, self.v))
         self.cv.mark(b, gt_band(d, self.v), membrane=True)
 
     def _filo_params(self, cell: Cell, p0, p1, r) -> dict:
@@ -470,7 +234,7 @@ class _Builder:
         t = np.linspace(0, 1, 2001)
         outside = cell.f_points(p0 + t[:, None] * axis) > 0
         t_exit = t[np.argmax(outside)] if outside.any() else 1.0
-        return {"start_nm": _r(p0), "end_nm": _r(p1), "diameter_nm": round(2 * r, 1),
+        return {"start_nm": rnd(p0), "end_nm": rnd(p1), "diameter_nm": round(2 * r, 1),
                 "length_nm": round(total * (1 - t_exit) + r, 1)}
 
     def _filopodia(self, cell: Cell, others: list[Cell]) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -504,13 +268,13 @@ class _Builder:
             pts = p0 + np.linspace(0.3, 1, 30)[:, None] * (p1 - p0)
             if any(np.any(o.f_points(pts) < 0.2) for o in others):
                 continue
-            if any(_segment_gap(p0, p1, q0, q1) < r + s + MARGIN_NM for q0, q1, s in out):
+            if any(segment_gap(p0, p1, q0, q1) < r + s + MARGIN_NM for q0, q1, s in out):
                 continue
             out.append((p0, p1, r))
         return out
 
     # -- organelles
-    def _place(self, cell: Cell, ext: np.ndarray, in_fov: bool, nucleus, tries: int = 40):
+    def place(self, cell: Cell, ext: np.ndarray, in_fov: bool, nucleus, tries: int = 40):
         """A centre (z, y, x) where a box of half extents `ext` fits inside the cell, or None."""
         for _ in range(tries):
             y, x = self._sample_xy(cell, in_fov)
@@ -520,17 +284,17 @@ class _Builder:
             if z_hi <= z_lo:
                 continue
             c = np.array([self.rng.uniform(z_lo, z_hi), y, x])
-            pts = c + _DIRS * (ext + MARGIN_NM)
-            if self._in_cell(cell, pts, nucleus):
+            pts = c + PROBE_DIRS * (ext + MARGIN_NM)
+            if self.in_cell(cell, pts, nucleus):
                 return c
         return None
 
     def nucleus(self, cell: Cell):
         """Double-membraned nucleus near the cell centre, pulled towards the FOV; returns its frame."""
-        if self.rng.random() > 0.7:
+        if self.rng.random() > self.kind.p_nucleus:
             return None
         for _ in range(20):
-            a = cell.radius * self.rng.uniform(0.35, 0.55)
+            a = cell.radius * self.rng.uniform(*self.kind.nucleus_frac)
             radii = np.array([a, a * self.rng.uniform(0.65, 1.0), 0.0])
             to_fov = self.fov_nm / 2 - cell.center
             to_fov[0] = 0
@@ -542,26 +306,28 @@ class _Builder:
                 return None
             th = self.rng.uniform(0, np.pi)
             rot = np.array([[0, 0, 1.0], [np.sin(th), np.cos(th), 0], [np.cos(th), -np.sin(th), 0]])
-            pts = c + (_DIRS * (radii + MARGIN_NM)) @ rot.T
-            if self._in_cell(cell, pts, in_ice=False):  # the nucleus may be cut by the faces
+            pts = c + (PROBE_DIRS * (radii + MARGIN_NM)) @ rot.T
+            if self.in_cell(cell, pts, in_ice=False):  # the nucleus may be cut by the faces
                 break
             a *= 0.8
         else:
             return None
         sep = self.rng.uniform(30.0, 50.0)
         b = self.cv.block(c - radii.max() - self.v, c + radii.max() + self.v)
+        if b is None:  # a large cell's nucleus can lie wholly outside the grid
+            return None
         d = sdf_ellipsoid(b, c, radii, rot)
         t = self.tex[b.sl]
         # Heterochromatin lines the envelope: lateral distance only (z radius inflated), so the flat
         # top and bottom of a thin nucleus do not make all of it dense.
         d_lat = sdf_ellipsoid(b, c, radii * np.array([1.0, 1.0, 20.0]), rot)
         peripheral = np.exp(np.minimum(d_lat + sep, 0.0) / 70.0)
-        chrom = LAC["nucleoplasm"] + 0.18 / (1 + np.exp(-4 * (t - 1.0))) + 0.16 * peripheral
+        chrom = self.lac["nucleoplasm"] + 0.18 / (1 + np.exp(-4 * (t - 1.0))) + 0.16 * peripheral
         d_in = d + sep  # inner envelope membrane
         core = d_in + 40  # nucleoli stay this far inside it
-        self.cv.paint(b, LAC["perinuclear"], solid(d, self.v))
+        self.cv.paint(b, self.lac["perinuclear"], solid(d, self.v))
         self.cv.paint(b, np.minimum(chrom, 0.5), solid(d_in, self.v))
-        nid = self._add("nucleus", b, True, center_nm=_r(c), radii_nm=_r(radii), axes=_r(rot.T, 4),
+        nid = self.add("nucleus", b, True, center_nm=rnd(c), radii_nm=rnd(radii), axes=rnd(rot.T, 4),
                         envelope_spacing_nm=round(sep, 1))
         self.cv.mark(b, d <= 0, instance=nid)
         for _ in range(self.rng.integers(1, 3)):  # nucleoli: dense, no membrane
@@ -570,103 +336,108 @@ class _Builder:
             off[0] = 0
             rr[2] = min(rr[2], radii[2] * 0.5)
             db = sdf_ellipsoid(b, c + off, rr, rot)
-            self.cv.paint(b, LAC["nucleolus"] + 0.03 * t, solid(db, self.v) * solid(core, self.v))
+            self.cv.paint(b, self.lac["nucleolus"] + 0.03 * t, solid(db, self.v) * solid(core, self.v))
             nb = self.cv.block(c + off - rr.max(), c + off + rr.max())
-            oid = self._add("nucleolus", nb, False, parent=nid, center_nm=_r(c + off), radii_nm=_r(rr),
-                            axes=_r(rot.T, 4))
+            oid = self.add("nucleolus", nb, False, parent=nid, center_nm=rnd(c + off), radii_nm=rnd(rr),
+                            axes=rnd(rot.T, 4))
             self.cv.mark(b, (db <= 0) & (core <= 0), instance=oid)
         for dd in (d, d_in):
-            self.cv.paint(b, LAC["membrane"], shell(dd, MEMBRANE_NM, self.v))
+            self.cv.paint(b, self.lac["membrane"], shell(dd, MEMBRANE_NM, self.v))
             self.cv.mark(b, gt_band(dd, self.v), membrane=True)
-        self._occupy(c[None], np.array([radii.max()]))
+        self.occupy(c[None], np.array([radii.max()]))
         return (c, radii + MARGIN_NM, rot)
 
     def mitochondrion(self, cell: Cell, in_fov: bool, nucleus) -> None:
         rng = self.rng
-        a = rng.uniform(300.0, 1000.0)
-        bb = rng.uniform(110.0, 220.0)
+        a = rng.uniform(*self.kind.mito_length_nm)
+        bb = rng.uniform(*self.kind.mito_width_nm)
         psi = rng.uniform(0, np.pi)
         for _ in range(3):
-            cc = min(bb * rng.uniform(0.8, 1.0), 0.6 * (self._half_room(cell) - MARGIN_NM))
+            cc = min(bb * rng.uniform(0.8, 1.0), 0.6 * (self.half_room(cell) - MARGIN_NM))
             if cc < 4 * self.v:
                 return
             # flat cells hold flat-lying mitochondria: the tilt out of the slab plane is limited
-            lim = min(0.15, 0.25 * self._half_room(cell) / a)
+            lim = min(0.15, 0.25 * self.half_room(cell) / a)
             elev = rng.uniform(-lim, lim)
             axis = np.array([np.sin(elev), np.cos(elev) * np.sin(psi), np.cos(elev) * np.cos(psi)])
             rot = rotation(axis, rng, roll=0.1)
             radii = np.array([a, bb, cc])
             ext = np.sqrt((rot**2) @ radii**2)  # bounding box of the rotated ellipsoid
-            c = self._place(cell, ext, in_fov, nucleus)
+            c = self.place(cell, ext, in_fov, nucleus)
             if c is None:
                 a *= 0.75
                 continue
             pts = c + np.linspace(-1, 1, 7)[:, None] * (a - bb) * axis
-            if self._free(pts, np.full(7, bb)):
+            if self.free(pts, np.full(7, bb)):
                 break
             a *= 0.75
         else:
             return
-        self._occupy(pts, np.full(7, bb))
+        self.occupy(pts, np.full(7, bb))
+        matrix, with_cristae = self.lac["mito_matrix"], True
+        if self.sample.varied:  # grey-to-dark matrix; cristae in most, not all
+            matrix, with_cristae = rng.uniform(0.33, 0.55), bool(rng.random() < 0.7)
         b = self.cv.block(c - ext, c + ext)
         d = sdf_ellipsoid(b, c, radii, rot)
-        self.cv.paint(b, LAC["mito_matrix"] + 0.02 * self.tex[b.sl], solid(d, self.v))
+        self.cv.paint(b, matrix + 0.02 * self.tex[b.sl], solid(d, self.v))
         # Cristae: membrane sheets across the long axis, each reaching in from one side.
         spacing = max(rng.uniform(80.0, 140.0), 5 * self.v)
-        n_c = int(2 * (a - bb * 0.5) // spacing)
-        cristae = np.full(_block_shape(b), np.inf, np.float32)
+        n_c = int(2 * (a - bb * 0.5) // spacing) if with_cristae else 0
+        cristae = np.full(block_shape(b), np.inf, np.float32)
         inner = -(MEMBRANE_NM + 0.5 * self.v + 10.0)
         for s in (np.arange(n_c) - (n_c - 1) / 2) * spacing:
             tilt = rot @ np.array([1.0, *rng.normal(0, 0.15, 2)])
             tilt /= np.linalg.norm(tilt)
-            side = rot @ np.array([0.0, *_unit2(rng)])
+            side = rot @ np.array([0.0, *unit2(rng)])
             depth = rng.uniform(-0.7, 0.3) * min(bb, cc)
-            p, tl, sd, cf = _f(c + s * axis), _f(tilt), _f(side), _f(c)
+            p, tl, sd, cf = floats(c + s * axis), floats(tilt), floats(side), floats(c)
             dc = (b.z - p[0]) * tl[0] + (b.y - p[1]) * tl[1] + (b.x - p[2]) * tl[2]
             reach = (b.z - cf[0]) * sd[0] + (b.y - cf[1]) * sd[1] + (b.x - cf[2]) * sd[2]
             dc = np.where((d <= inner) & (reach >= depth), np.abs(dc), np.inf)
             np.minimum(cristae, dc, out=cristae)
-        mid = self._add("mitochondrion", b, True, center_nm=_r(c), semi_axes_nm=_r(radii), axes=_r(rot.T, 4),
-                        cristae=n_c)
+        mid = self.add("mitochondrion", b, True, center_nm=rnd(c), semi_axes_nm=rnd(radii),
+                        axes=rnd(rot.T, 4), cristae=n_c)
         self.cv.mark(b, d <= 0, instance=mid)
-        self.cv.paint(b, LAC["membrane"], shell(cristae, MEMBRANE_NM, self.v))  # inf (no crista) -> 0
-        self.cv.paint(b, LAC["membrane"], shell(d, 1.5 * MEMBRANE_NM, self.v))  # outer + inner boundary
+        self.cv.paint(b, self.lac["membrane"], shell(cristae, MEMBRANE_NM, self.v))  # inf (no crista) -> 0
+        self.cv.paint(b, self.lac["membrane"], shell(d, 1.5 * MEMBRANE_NM, self.v))  # outer + inner boundary
         self.cv.mark(b, gt_band(d, self.v) | gt_band(cristae, self.v), membrane=True)
 
     def sphere(self, cell: Cell, kind: str, in_fov: bool, nucleus) -> None:
         """Vesicle (membrane, variable lumen), lipid droplet (dense, no membrane) or granule."""
         rng = self.rng
-        r = {"vesicle": lambda: math.exp(rng.uniform(math.log(30.0), math.log(160.0))),
-             "droplet": lambda: rng.uniform(80.0, 300.0),
+        k = self.kind
+        r = {"vesicle": lambda: math.exp(rng.uniform(math.log(k.vesicle_nm[0]), math.log(k.vesicle_nm[1]))),
+             "droplet": lambda: rng.uniform(*k.droplet_nm),
              "granule": lambda: rng.uniform(12.0, 30.0)}[kind]()
-        r = min(r, 0.75 * (self._half_room(cell) - MARGIN_NM))
+        r = min(r, 0.75 * (self.half_room(cell) - MARGIN_NM))
         if kind != "granule" and r < 2.5 * self.v:
             return
-        c = self._place(cell, np.full(3, r), in_fov, nucleus, tries=15)
-        if c is None or not self._free(c[None], np.array([r])):
+        c = self.place(cell, np.full(3, r), in_fov, nucleus, tries=15)
+        if c is None or not self.free(c[None], np.array([r])):
             return
         b = self.cv.block(c - r, c + r)
         d = sdf_sphere(b, c, r)
         if kind == "granule":
-            self.cv.paint(b, LAC["granule"], solid(d, self.v))
+            self.cv.paint(b, self.lac["granule"], solid(d, self.v))
             return
-        self._occupy(c[None], np.array([r]))
+        self.occupy(c[None], np.array([r]))
         if kind == "droplet":
-            self.cv.paint(b, rng.uniform(0.8, 1.0), solid(d, self.v))
+            lo = max(0.8, self.lac["membrane"] + 0.05) if self.sample.varied else 0.8  # the densest
+            self.cv.paint(b, rng.uniform(lo, 1.05 if self.sample.varied else 1.0), solid(d, self.v))
         else:
             self.cv.paint(b, rng.uniform(0.12, 0.45), solid(d, self.v))
-            self.cv.paint(b, LAC["membrane"], shell(d, MEMBRANE_NM, self.v))
+            self.cv.paint(b, self.lac["membrane"], shell(d, MEMBRANE_NM, self.v))
             self.cv.mark(b, gt_band(d, self.v), membrane=True)
-        oid = self._add(kind, b, kind == "vesicle", center_nm=_r(c), radius_nm=round(r, 1))
+        oid = self.add(kind, b, kind == "vesicle", center_nm=rnd(c), radius_nm=round(r, 1))
         self.cv.mark(b, d <= 0, instance=oid)
 
     def er(self, cell: Cell, in_fov: bool, nucleus) -> None:
         """A curved ER tubule: persistent random walk, mostly in the slab plane."""
         rng = self.rng
-        r = min(rng.uniform(25.0, 45.0), 0.4 * self._half_room(cell))
+        r = min(rng.uniform(25.0, 45.0), 0.4 * self.half_room(cell))
         if r < 1.5 * self.v:
             return
-        c = self._place(cell, np.full(3, r), in_fov, nucleus, tries=15)
+        c = self.place(cell, np.full(3, r), in_fov, nucleus, tries=15)
         if c is None:
             return
         step = max(60.0, 3 * r)
@@ -677,22 +448,22 @@ class _Builder:
             climb = 0.8 * climb + rng.normal(0, 0.05)
             q = pts[-1] + step * np.array([np.sin(climb), np.cos(climb) * np.sin(heading),
                                            np.cos(climb) * np.cos(heading)])
-            fits = self._in_cell(cell, q + _DIRS * (r + MARGIN_NM), nucleus)
-            if not fits or not self._free(q[None], np.array([r])):
+            fits = self.in_cell(cell, q + PROBE_DIRS * (r + MARGIN_NM), nucleus)
+            if not fits or not self.free(q[None], np.array([r])):
                 break
             pts.append(q)
         pts = np.array(pts)
-        if len(pts) < 3 or not self._free(pts[:1], np.array([r])):
+        if len(pts) < 3 or not self.free(pts[:1], np.array([r])):
             return
-        self._occupy(pts, np.full(len(pts), r))
+        self.occupy(pts, np.full(len(pts), r))
         b = self.cv.block(pts.min(0) - r, pts.max(0) + r)
-        d = np.full(_block_shape(b), np.inf, np.float32)
+        d = np.full(block_shape(b), np.inf, np.float32)
         for p0, p1 in zip(pts[:-1], pts[1:], strict=True):
             np.minimum(d, sdf_segment(b, p0, p1, r), out=d)
-        self.cv.paint(b, LAC["er_lumen"], solid(d, self.v))
-        self.cv.paint(b, LAC["membrane"], shell(d, MEMBRANE_NM, self.v))
+        self.cv.paint(b, self.lac["er_lumen"], solid(d, self.v))
+        self.cv.paint(b, self.lac["membrane"], shell(d, MEMBRANE_NM, self.v))
         self.cv.mark(b, gt_band(d, self.v), membrane=True)
-        oid = self._add("er", b, True, points_nm=[_r(p) for p in pts], diameter_nm=round(2 * r, 1),
+        oid = self.add("er", b, True, points_nm=[rnd(p) for p in pts], diameter_nm=round(2 * r, 1),
                         length_nm=round(step * (len(pts) - 1), 1))
         self.cv.mark(b, d <= 0, instance=oid)
 
@@ -707,60 +478,65 @@ class _Builder:
             if b is None:
                 continue
             d = sdf_sphere(b, c, r)
-            self.cv.paint(b, LAC["gold"], solid(d, self.v))
-            oid = self._add("fiducial", b, False, center_nm=_r(c), radius_nm=round(r, 1))
+            self.cv.paint(b, self.lac["gold"], solid(d, self.v))
+            oid = self.add("fiducial", b, False, center_nm=rnd(c), radius_nm=round(r, 1))
             self.cv.mark(b, d <= 0, instance=oid)
 
 
-def _unit2(rng: np.random.Generator) -> np.ndarray:
-    a = rng.uniform(0, 2 * np.pi)
-    return np.array([np.cos(a), np.sin(a)])
-
-
-def _segment_gap(p0, p1, q0, q1) -> float:
-    """Approximate minimum distance between two segments (dense sampling)."""
-    t = np.linspace(0, 1, 25)[:, None]
-    a = p0 + t * (p1 - p0)
-    b = q0 + t * (q1 - q0)
-    return float(np.min(np.linalg.norm(a[:, None] - b[None], axis=2)))
-
-
-# Organelle densities per um^2 of cell area (inside the FOV; half that in the padding).
-DENSITY = {"mitochondrion": 0.8, "vesicle": 5.0, "droplet": 0.4, "er": 1.5, "granule": 40.0}
+ORGANELLES = ("mitochondrion", "droplet", "vesicle", "er", "granule")  # drawing order
+DENSITY = KINDS["mammalian"].density  # per um^2 of cell area (inside the FOV; half that in the padding)
+GOLD_BEADS = (1, 4)  # background "gold": beads on the ice surfaces
 
 
 def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, int], rng: np.random.Generator,
-                  fiducials: tuple[int, int] = (0, 2)) -> Phantom:
-    """Random cell phantom for an (nz, ny, nx) field of view; pad = (z, x) padding in voxels."""
-    bld = _Builder(fov, voxel_nm, pad, rng, fiducials)
-    # a slab thinner than ~250 nm cannot hold a whole cell: it is always a section
-    sectioned = bool(rng.random() < 0.5) or fov[0] * voxel_nm < 250.0
+                  fiducials: tuple[int, int] = (0, 2), sample: Sample | None = None) -> Phantom:
+    """Random cell phantom for an (nz, ny, nx) field of view; pad = (z, x) padding in voxels.
+
+    sample: cell kind, organelle density, ice, background, appearance; the default is the mammalian
+    phantom of the presets (same random numbers as before cell kinds existed).
+    """
+    sample = sample or Sample()
+    one_by_one = sample == Sample()  # the presets' default keeps its original granule draws
+    kind = KINDS[sample.cell]
+    if sample.background == "gold":
+        fiducials = GOLD_BEADS
+    bld = Builder(fov, voxel_nm, pad, rng, fiducials, kind, sample)
+    # a slab thinner than the kind's whole cells (250 nm; yeast 2.6 um) is always a section through one
+    sectioned = bool(rng.random() < kind.p_sectioned) or fov[0] * voxel_nm < kind.whole_min_nm
     ice = bld.ice(sectioned)
-    cells = bld.cells(ice, sectioned)
+    cells = walled_cells(bld, ice, sectioned) if kind.layout == "walled" else bld.cells(ice, sectioned)
     for i, cell in enumerate(cells):
         bld.paint_cell(cell, cells[:i] + cells[i + 1:])
         nuc = bld.nucleus(cell)
+        if kind.vacuoles:
+            vacuoles(bld, cell, nuc)
         area = _cell_area_um2(cell, bld)
         for in_fov, scale in ((True, 1.0), (False, 0.5)):
-            for kind in ("mitochondrion", "droplet", "vesicle", "er", "granule"):
-                n = rng.poisson(DENSITY[kind] * area[in_fov] * scale)
+            for name in ORGANELLES:
+                n = rng.poisson(kind.density[name] * sample.density * area[in_fov] * scale)
+                if name == "granule" and not one_by_one:
+                    scatter_granules(bld, cell, nuc, n, in_fov)
+                    continue
                 for _ in range(n):
-                    if kind == "mitochondrion":
+                    if name == "mitochondrion":
                         bld.mitochondrion(cell, in_fov, nuc)
-                    elif kind == "er":
+                    elif name == "er":
                         bld.er(cell, in_fov, nuc)
                     else:
-                        bld.sphere(cell, kind, in_fov, nuc)
+                        bld.sphere(cell, name, in_fov, nuc)
         bld.paint_plasma_membrane()
     bld.cut_at_faces()
     bld.gold(ice)
+    info = {"ice_nm": rnd(ice), "cells": len(cells), "sectioned": sectioned, "lac_per_um": bld.lac,
+            "membrane_nm": MEMBRANE_NM, "gt_half_width_voxels": GT_HALF_VOXELS, "cell_kind": kind.name,
+            "organelle_density_scale": sample.density, "background": sample.background}
+    if sample.background == "carbon":
+        info["support"] = carbon_film(bld, ice)
     objects, instances = _finalise(bld)
-    info = {"ice_nm": _r(ice), "cells": len(cells), "sectioned": sectioned, "lac_per_um": LAC,
-            "membrane_nm": MEMBRANE_NM, "gt_half_width_voxels": GT_HALF_VOXELS}
     return Phantom(bld.cv.mu, bld.cv.membrane, instances, objects, bld.cv.offset, info)
 
 
-def _cell_area_um2(cell: Cell, bld: _Builder) -> dict[bool, float]:
+def _cell_area_um2(cell: Cell, bld: Builder) -> dict[bool, float]:
     """Cell area (um^2) inside the FOV and in the whole grid, from a coarse outline raster."""
     step = max(bld.v * 4, 40.0)
     y = np.arange(bld.lo[1], bld.hi[1], step)
@@ -772,7 +548,7 @@ def _cell_area_um2(cell: Cell, bld: _Builder) -> dict[bool, float]:
     return {True: float(in_fov.sum()) * px, False: float((inside & ~in_fov).sum()) * px}
 
 
-def _finalise(bld: _Builder) -> tuple[list[dict], np.ndarray]:
+def _finalise(bld: Builder) -> tuple[list[dict], np.ndarray]:
     """Renumber instances 1..N over objects present in the FOV; add voxel counts and clipping."""
     inst = bld.cv.instances
     counts = np.bincount(inst.ravel(), minlength=len(bld.objects) + 1)

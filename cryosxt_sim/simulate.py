@@ -1,9 +1,12 @@
 """Simulated cryo-SXT tomograms with exact membrane ground truth, for demos, tests and benchmarks.
 
     python -m cryosxt_sim --out D --count 2 --shape 32,128,128 --seed 0 --instrument bessy
+    python -m cryosxt_sim --out D --count 8 --instrument random            # drawn per tomogram
+    python -m cryosxt_sim --out D --count 2 --instrument b24 --cell yeast
 
 writes D/images/NAME.mrc, D/labels/NAME.mrc (uint8 0/1), D/instances/NAME.mrc + NAME.json and,
-with --unlabeled K, K more tomograms in D/unlabeled/. Physics and presets: docs/simulator.md.
+with --unlabeled K, K more tomograms in D/unlabeled/. Physics, presets, the random ranges and the
+held-out corner: docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -18,34 +21,20 @@ from pathlib import Path
 import numpy as np
 
 from cryosxt_sim.bundle_io import bundle_module
+from cryosxt_sim.instruments import (
+    HELD_OUT,
+    INSTRUMENTS,
+    Instrument,
+    get_instrument,
+    in_held_out,
+    resolve,
+)
+from cryosxt_sim.kinds import KINDS, Sample
 from cryosxt_sim.phantom import build_phantom
 from cryosxt_sim.tomography import acquire, reconstruct, tilt_angles
 
-
-@dataclass(frozen=True)
-class Instrument:
-    """Acquisition and reconstruction settings of one beamline (see docs/simulator.md)."""
-
-    name: str
-    voxel_size_nm: float
-    tilt_max_deg: float
-    tilt_step_deg: float
-    psf_fwhm_nm: float  # zone-plate resolution, Gaussian PSF on the detector
-    dose: float  # incident photons per detector pixel per projection (0: noiseless)
-    polarity: int  # +1: absorption bright; -1: inverted ("transmission-like", dense = dark)
-    iterations: int  # SIRT iterations
-    jitter_px: float = 0.3  # residual alignment error per projection (std, pixels)
-    flux_jitter: float = 0.01  # relative beam-flux error per projection
-    fiducials: tuple[int, int] = (0, 0)  # min/max gold beads on the ice surfaces
-
-
-INSTRUMENTS: dict[str, Instrument] = {
-    "bessy": Instrument("bessy", 9.8, 65.0, 1.0, 30.0, 800.0, 1, 20),
-    "mistral": Instrument("mistral", 13.0, 60.0, 1.0, 38.0, 500.0, -1, 20, jitter_px=0.5, flux_jitter=0.02),
-    "b24": Instrument("b24", 20.0, 60.0, 2.0, 50.0, 2000.0, 1, 25, jitter_px=0.4, fiducials=(0, 2)),
-    "labsource": Instrument("labsource", 35.0, 60.0, 2.0, 80.0, 300.0, -1, 15, jitter_px=0.5,
-                            flux_jitter=0.03),
-}
+__all__ = ["HELD_OUT", "INSTRUMENTS", "KINDS", "Instrument", "Sample", "SimulatedTomogram", "get_instrument",
+           "in_held_out", "main", "resolve", "simulate_tomogram"]
 
 
 @dataclass
@@ -61,36 +50,34 @@ class SimulatedTomogram:
     info: dict
 
 
-def get_instrument(instrument: str | Instrument, **overrides) -> Instrument:
-    """A preset by name (or an Instrument), with non-None overrides applied."""
-    if isinstance(instrument, str):
-        if instrument not in INSTRUMENTS:
-            raise ValueError(f"unknown instrument {instrument!r}; choose from {sorted(INSTRUMENTS)}")
-        instrument = INSTRUMENTS[instrument]
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(instrument, **changes) if changes else instrument
-
-
-def padding(shape: tuple[int, int, int], inst: Instrument) -> tuple[int, int]:
+def padding(shape: tuple[int, int, int], inst: Instrument, sample: Sample | None = None) -> tuple[int, int]:
     """(z, x) padding in voxels so every ray reaching the detector crosses the whole slab."""
     nz, _, nx = shape
     pz = int(math.ceil(0.25 * nz)) + 2
+    if sample is not None and sample.ice_ratio is not None:  # thick ice, its support film and beads fit
+        beyond = (max(sample.ice_ratio, 1.05) - 1.0) / 2 + 0.1  # per side, the ice shifted by <= 0.1
+        pz = max(pz, int(math.ceil(beyond * nz + 140.0 / inst.voxel_size_nm)) + 2)
     th = math.radians(min(inst.tilt_max_deg, 80.0))
     half = (nx / 2) / math.cos(th) + (nz / 2 + pz) * math.tan(th)
     return pz, int(math.ceil(half - nx / 2)) + 2
 
 
 def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bessy",
-                      seed: int | Sequence[int] = 0) -> SimulatedTomogram:
-    """Phantom -> tilt series (Beer-Lambert, PSF, Poisson) -> SIRT, with exact ground truth."""
+                      seed: int | Sequence[int] = 0, cell: str | Sample | None = None) -> SimulatedTomogram:
+    """Phantom -> tilt series (Beer-Lambert, PSF, Poisson) -> SIRT, with exact ground truth.
+
+    instrument: a preset name, "random" (drawn from `seed`) or an Instrument; cell: see
+    ``instruments.resolve`` (None: mammalian for presets, drawn under "random"). Everything drawn
+    is in ``info["instrument"]`` and ``info["sample"]``.
+    """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be (z, y, x) with every side >= 8, got {shape}")
-    inst = get_instrument(instrument)
+    inst, sample = resolve(instrument, seed, cell)
     rng = np.random.default_rng(seed)
     v = inst.voxel_size_nm
-    pz, px = padding(shape, inst)
-    ph = build_phantom(shape, v, (pz, px), rng, inst.fiducials)
+    pz, px = padding(shape, inst, sample)
+    ph = build_phantom(shape, v, (pz, px), rng, inst.fiducials, sample)
     angles = tilt_angles(inst.tilt_max_deg, inst.tilt_step_deg)
     sino = acquire(ph.mu, v, angles, shape[2], psf_fwhm_nm=inst.psf_fwhm_nm, dose=inst.dose, rng=rng,
                    jitter_px=inst.jitter_px, flux_jitter=inst.flux_jitter)
@@ -98,7 +85,8 @@ def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bess
     rec = reconstruct(sino, shape[0], v, angles, inst.iterations)
     # The reconstruction grid is the FOV: centred in z on the padded phantom (same centre).
     rec *= np.float32(inst.polarity)  # float32 already: flip in place, no second volume
-    info = {**ph.info, "instrument": dataclasses.asdict(inst), "tilt_angles_deg": [float(a) for a in angles],
+    info = {**ph.info, "instrument": dataclasses.asdict(inst), "sample": dataclasses.asdict(sample),
+            "held_out": in_held_out(inst), "tilt_angles_deg": [float(a) for a in angles],
             "shape": list(shape), "voxel_size_nm": v, "padding_voxels_zx": [pz, px]}
     return SimulatedTomogram(rec, ph.membrane, ph.instances, ph.objects, v, inst.name, info)
 
@@ -131,11 +119,13 @@ def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: l
 def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int = 0, instrument: str = "bessy",
          unlabeled: int = 0, unlabeled_instrument: str | None = None, formats="mrc", prefix: str = "sim",
          voxel_size_nm: float | None = None, tilt_max_deg: float | None = None,
-         tilt_step_deg: float | None = None, dose: float | None = None) -> list[str]:
+         tilt_step_deg: float | None = None, dose: float | None = None, cell: str | None = None) -> list[str]:
     """Write `count` labeled and `unlabeled` unlabeled simulated tomograms in the training layout.
 
     Tomogram i of a run uses seed (seed, 0, i) (labeled) or (seed, 1, i) (unlabeled), so runs are
-    reproducible and count/unlabeled do not change each other's volumes. Returns the written names.
+    reproducible and count/unlabeled do not change each other's volumes. `instrument` "random" and
+    `cell` "random" draw per tomogram from that seed; overrides apply after the draw. Every tomogram's
+    instrument and sample are in its NAME.json. Returns the written names.
     """
     from tqdm import tqdm
 
@@ -143,25 +133,28 @@ def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int =
     suffixes = _formats(formats)
     over = {"voxel_size_nm": voxel_size_nm, "tilt_max_deg": tilt_max_deg, "tilt_step_deg": tilt_step_deg,
             "dose": dose}
-    inst = get_instrument(instrument, **over)
-    inst_u = get_instrument(unlabeled_instrument or instrument, **over)
+    for name in (instrument, unlabeled_instrument or instrument):  # bad names fail before any file
+        resolve(name, 0, cell)
     root = Path(out)
     jobs = [(False, i) for i in range(int(count))] + [(True, i) for i in range(int(unlabeled))]
     names = []
     for is_unl, i in tqdm(jobs, desc="simulating", unit="tomogram"):
-        ins = inst_u if is_unl else inst
-        name = f"{prefix}_{ins.name}_s{seed}_{'u' if is_unl else ''}{i:03d}"
-        tomo = simulate_tomogram(zyx, ins, (int(seed), int(is_unl), i))
+        key = (int(seed), int(is_unl), i)
+        which = (unlabeled_instrument or instrument) if is_unl else instrument
+        inst, sample = resolve(which, key, cell, **over)
+        name = f"{prefix}_{inst.name}_s{seed}_{'u' if is_unl else ''}{i:03d}"
+        tomo = simulate_tomogram(zyx, inst, key, sample)
         v = tomo.voxel_size_nm
+        meta = {"name": name, "seed": list(key), "objects": tomo.objects, **tomo.info}
         if is_unl:
             _write(root / "unlabeled", name, tomo.image, v, suffixes)
+            folder = root / "unlabeled"
         else:
             _write(root / "images", name, tomo.image, v, suffixes)
             _write(root / "labels", name, tomo.membrane, v, suffixes)
             _write(root / "instances", name, tomo.instances, v, suffixes)
-            meta = {"name": name, "seed": [int(seed), 0, i], "objects": tomo.objects, **tomo.info}
-            with bundle_module("io.atomic").atomic_output(root / "instances" / f"{name}.json") as tmp:
-                tmp.write_text(json.dumps(meta, indent=1))
+            folder = root / "instances"
+        with bundle_module("io.atomic").atomic_output(folder / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
         names.append(name)
     return names
-
