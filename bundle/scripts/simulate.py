@@ -4,6 +4,8 @@
 
 writes D/images/NAME.mrc, D/labels/NAME.mrc (uint8 0/1), D/instances/NAME.mrc + NAME.json and,
 with --unlabeled K, K more tomograms in D/unlabeled/. Physics and presets: docs/simulator.md.
+``--out`` is required (no default folder, so nothing lands beside the code by accident), and the
+options are checked before any simulation starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, output_folder
 from .phantom import build_phantom
 from .tomography import acquire, reconstruct, tilt_angles
 
@@ -121,6 +123,12 @@ def _formats(formats) -> list[str]:
         raise ValueError(f"unknown format {err}; use mrc, tif, nii.gz") from None
 
 
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, str)) or not str(value).isdigit():
+        raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: list[str]) -> None:
     from .volume_io import write_volume
 
@@ -129,7 +137,7 @@ def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: l
         write_volume(folder / f"{name}{suf}", array, voxel)
 
 
-def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int = 0, instrument: str = "bessy",
+def main(out: str, count: int = 2, shape="32,192,192", seed: int = 0, instrument: str = "bessy",
          unlabeled: int = 0, unlabeled_instrument: str | None = None, formats="mrc", prefix: str = "sim",
          voxel_size_nm: float | None = None, tilt_max_deg: float | None = None,
          tilt_step_deg: float | None = None, dose: float | None = None) -> list[str]:
@@ -140,14 +148,18 @@ def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int =
     """
     from tqdm import tqdm
 
+    # Every option is checked before the first (slow) simulation.
     zyx = _shape(shape)
+    if min(zyx) < 8:
+        raise ValueError(f"--shape needs every side >= 8, got {shape!r}")
     suffixes = _formats(formats)
+    count, unlabeled = _count(count, "count"), _count(unlabeled, "unlabeled")
     over = {"voxel_size_nm": voxel_size_nm, "tilt_max_deg": tilt_max_deg, "tilt_step_deg": tilt_step_deg,
             "dose": dose}
     inst = get_instrument(instrument, **over)
     inst_u = get_instrument(unlabeled_instrument or instrument, **over)
-    root = Path(out)
-    jobs = [(False, i) for i in range(int(count))] + [(True, i) for i in range(int(unlabeled))]
+    root = output_folder(out, "--out")
+    jobs = [(False, i) for i in range(count)] + [(True, i) for i in range(unlabeled)]
     names = []
     for is_unl, i in tqdm(jobs, desc="simulating", unit="tomogram"):
         ins = inst_u if is_unl else inst
@@ -168,6 +180,6 @@ def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int =
 
 
 if __name__ == "__main__":
-    import fire
+    from .cli import run_main
 
-    fire.Fire(main)
+    run_main(main)

@@ -16,7 +16,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from scripts.dataset import IGNORE_VALUE
+from scripts.labels import IGNORE_VALUE, MEMBRANE, canonical_labels
 from scripts.volume_io import Volume, as_float_slice, open_volume
 
 __all__ = ["LoadSliced", "VolumeCache", "label_to_target"]
@@ -45,14 +45,13 @@ class VolumeCache:
         return {"size": self.size, "_volumes": OrderedDict()}
 
 
-def label_to_target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(target, mask) for a uint8 label slice: membrane (any value but 0 and 255) -> +1,
-    background 0 -> -1, not annotated 255 -> target -1 with mask 0. Both float32, same shape."""
-    raw = np.asarray(raw)
-    if raw.dtype == np.int8:  # MRC mode 0 written without the IMOD unsigned flag: 255 reads as -1
-        raw = raw.view(np.uint8)
+def label_to_target(raw: np.ndarray, path: str = "label", z: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(target, mask) for label slice ``z`` of ``path``: membrane 1 -> +1, background 0 -> -1, not
+    annotated 255 -> target -1 with mask 0. Both float32, same shape. Other values raise a LabelError
+    (``scripts.labels``) naming the file and the slice."""
+    raw = canonical_labels(raw, path, z)
     mask = raw != IGNORE_VALUE
-    target = np.where(mask & (raw != 0), 1.0, -1.0).astype(np.float32)
+    target = np.where(raw == MEMBRANE, 1.0, -1.0).astype(np.float32)
     return target, mask.astype(np.float32)
 
 
@@ -99,7 +98,7 @@ class LoadSliced(MapTransform):
             if not 0 <= z < volume.shape[0]:
                 raise IndexError(f"{path}: slice z={z} outside 0..{volume.shape[0] - 1}")
             if key in self.label_keys:
-                target, mask = label_to_target(volume.data[z])
+                target, mask = label_to_target(volume.data[z], path, z)
                 d[key] = torch.from_numpy(target[None])
                 d[self.mask_key] = torch.from_numpy(mask[None])
             else:

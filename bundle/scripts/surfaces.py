@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import measure, meshes, morphology, pictures
+from .atomic import output_folder
 from .options import as_bool
 from .volume_io import (
     MRC_SUFFIXES,
@@ -318,7 +319,7 @@ def run(
     if not masks:
         raise VolumeError(f"{dataset_dir}: no volume matches the pattern {pattern!r}")
     images = find_volumes(image_dir) if image_dir not in (None, "", "none", "null") else []
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = output_folder(output_dir)
     names: dict[str, int] = {}
     results, rows, failed = [], [], []
     for path in masks:

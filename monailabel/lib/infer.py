@@ -27,7 +27,9 @@ from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import strtobool
+from monailabel.utils.others.generic import device_list, strtobool
+
+from .request_options import Spec, device_choices, infer_options, refuse_expressions
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,13 @@ class TomogramSegmentation(BasicInferTask):
         i["version"] = self.version
         return i
 
+    def option_schema(self) -> dict[str, Spec]:
+        """The options an /infer request may carry (request_options); models/*.pt re-read each time."""
+        import torch
+
+        models = sorted((p.name for p in (Path(self.bundle_path) / "models").glob("*.pt")), key=len)
+        return infer_options(models, device_choices(device_list(), torch.cuda.device_count()))
+
     # ------------------------------------------------------------------ helpers
 
     def weights_path(self, data: dict[str, Any] | None = None) -> Path:
@@ -106,6 +115,7 @@ class TomogramSegmentation(BasicInferTask):
         return (Path(self.bundle_path) / "models" / "model.pt").is_file()
 
     def _parser(self, **overrides: Any) -> ConfigParser:
+        refuse_expressions(overrides)  # request values arrive parsed; this holds it at the parser
         parser = ConfigParser()
         parser.read_config(str(self.config_file))
         parser.update({"bundle_root": self.bundle_path, **overrides})
