@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bundle"), str(REPO)]  # the bundle's scripts, the simulator
 
 from cryosxt_sim.simulate import main as simulate  # noqa: E402
+from scripts.io.labels import IGNORE_VALUE  # noqa: E402
 from scripts.io.volume import open_volume, write_volume  # noqa: E402
 from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
 from scripts.train.engine import LABELED, UNLABELED, SemiSupervisedTrainer, unlabeled_parameters  # noqa: E402
-from scripts.train.labels import IGNORE_VALUE  # noqa: E402
 from scripts.train.losses import LabeledLoss, UnlabeledLoss  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 
 def main() -> None:
-    import fire
-
+    from cryosxt_sim.bundle_io import bundle_module
     from cryosxt_sim.simulate import main as simulate
 
-    fire.Fire(simulate, name="cryosxt_sim")
+    # The bundle's command-line edge: flags checked before any work, errors as one ERROR: line.
+    bundle_module("cli").run_main(simulate, name="cryosxt_sim")
 
 
 if __name__ == "__main__":

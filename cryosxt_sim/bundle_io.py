@@ -33,7 +33,8 @@ def bundle_module(name: str) -> ModuleType:
         if err.name not in ("scripts", f"scripts.{name.partition('.')[0]}"):
             raise
     root = _bundle_dir()
-    if not (root / "scripts" / name.partition(".")[0] / "__init__.py").is_file():
+    top = root / "scripts" / name.partition(".")[0]
+    if not ((top / "__init__.py").is_file() or top.with_suffix(".py").is_file()):
         raise ModuleNotFoundError(
             f"the simulator writes through the bundle's scripts.{name}, which is not at {root}; "
             "set CRYOSXT_BUNDLE to the bundle folder"

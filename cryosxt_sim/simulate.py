@@ -6,7 +6,8 @@
 
 writes D/images/NAME.mrc, D/labels/NAME.mrc (uint8 0/1), D/instances/NAME.mrc + NAME.json and,
 with --unlabeled K, K more tomograms in D/unlabeled/. Physics, presets, the random ranges and the
-held-out corner: docs/simulator.md.
+held-out corner: docs/simulator.md. ``--out`` is required (no default folder, so nothing lands beside
+the code by accident), and the options are checked before any simulation starts.
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def _formats(formats) -> list[str]:
         raise ValueError(f"unknown format {err}; use mrc, tif, nii.gz") from None
 
 
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, str)) or not str(value).isdigit():
+        raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: list[str]) -> None:
     write_volume = bundle_module("io.volume").write_volume
     folder.mkdir(parents=True, exist_ok=True)  # also with no formats: the .json goes here
@@ -116,7 +123,7 @@ def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: l
         write_volume(folder / f"{name}{suf}", array, voxel)
 
 
-def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int = 0, instrument: str = "bessy",
+def main(out: str, count: int = 2, shape="32,192,192", seed: int = 0, instrument: str = "bessy",
          unlabeled: int = 0, unlabeled_instrument: str | None = None, formats="mrc", prefix: str = "sim",
          voxel_size_nm: float | None = None, tilt_max_deg: float | None = None,
          tilt_step_deg: float | None = None, dose: float | None = None, cell: str | None = None) -> list[str]:
@@ -129,17 +136,21 @@ def main(out: str = "simulated", count: int = 2, shape="32,192,192", seed: int =
     """
     from tqdm import tqdm
 
+    # Every option is checked before the first (slow) simulation.
     zyx = _shape(shape)
+    if min(zyx) < 8:
+        raise ValueError(f"--shape needs every side >= 8, got {shape!r}")
     suffixes = _formats(formats)
+    count, unlabeled, seed = _count(count, "count"), _count(unlabeled, "unlabeled"), _count(seed, "seed")
     over = {"voxel_size_nm": voxel_size_nm, "tilt_max_deg": tilt_max_deg, "tilt_step_deg": tilt_step_deg,
             "dose": dose}
     for name in (instrument, unlabeled_instrument or instrument):  # bad names fail before any file
-        resolve(name, 0, cell)
-    root = Path(out)
-    jobs = [(False, i) for i in range(int(count))] + [(True, i) for i in range(int(unlabeled))]
+        resolve(name, 0, cell, **over)
+    root = bundle_module("io.atomic").output_folder(out, "--out")
+    jobs = [(False, i) for i in range(count)] + [(True, i) for i in range(unlabeled)]
     names = []
     for is_unl, i in tqdm(jobs, desc="simulating", unit="tomogram"):
-        key = (int(seed), int(is_unl), i)
+        key = (seed, int(is_unl), i)
         which = (unlabeled_instrument or instrument) if is_unl else instrument
         inst, sample = resolve(which, key, cell, **over)
         name = f"{prefix}_{inst.name}_s{seed}_{'u' if is_unl else ''}{i:03d}"

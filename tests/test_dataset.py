@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import mrcfile
 import numpy as np
 import pytest
 
-from scripts.io.volume import VolumeError, write_volume
+from scripts.io.labels import LabelError
+from scripts.io.volume import VolumeError, open_volume, write_volume
 from scripts.train.dataset import (
     LabeledVolume,
+    annotated_slices,
     list_training_data,
     read_slice_list,
     slice_items,
     slice_items_unlabeled,
     split_by_file,
 )
+from scripts.train.slices import LoadSliced
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*voxel size unknown")
 
@@ -127,3 +134,78 @@ def test_split_by_file_is_reproducible_and_keeps_one_val():
     assert [len(x) for x in split_by_file(["a", "b"], 0.1)] == [1, 1]
     assert split_by_file(["a"], 0.5) == (["a"], [])
     assert split_by_file(items, 0.0) == (items, [])
+
+
+# ----------------------------------------------------------------------------- label values
+
+
+def _monailabel_training_data():
+    """monailabel/lib/training_data.py, imported by path (the app's ``lib`` is not a package here)."""
+    path = Path(__file__).resolve().parents[1] / "monailabel" / "lib" / "training_data.py"
+    spec = importlib.util.spec_from_file_location("cryosxt_monailabel_training_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_int8_mode0_mrc_label_reads_the_same_everywhere(tmp_path):
+    """A mode-0 MRC label without IMOD's unsigned flag is int8 to mrcfile: 255 reads as -1."""
+    lab = np.full(SHAPE, -1, np.int8)  # the bytes of 255: not annotated
+    lab[1] = 0
+    lab[1, 4:6] = 1
+    path = tmp_path / "D" / "labels" / "a.mrc"
+    path.parent.mkdir(parents=True)
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(lab)
+    write_volume(tmp_path / "D" / "images" / "a.mrc", image(0), 9.8)
+    data = open_volume(path, check_finite=False).data
+    assert data.dtype == np.int8  # the case under test: no unsigned flag in the file
+
+    assert annotated_slices(data) == [1]
+    labeled, _ = list_training_data(tmp_path / "D")
+    assert [item.annotated_slices for item in labeled] == [[1]]
+    item = {"image": str(tmp_path / "D" / "images" / "a.mrc"), "label": str(path)}
+    loaded = LoadSliced()({**item, "z": 1})
+    assert loaded["mask"].min() == 1 and int((loaded["label"] > 0).sum()) == 2 * SHAPE[2]
+    assert LoadSliced()({**item, "z": 2})["mask"].max() == 0
+    td = _monailabel_training_data()
+    assert td.scan_label(data, path) == (True, [1])
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "shown"),
+    [(7, np.uint8, "7"), (128, np.uint8, "128"), (2, np.uint16, "2"), (0.5, np.float32, "0.5")],
+)
+def test_label_values_other_than_0_1_255_are_refused_naming_the_file(dataset, value, dtype, shown):
+    lab = label([0, 3]).astype(dtype)
+    lab[3, 10:12] = value  # e.g. a second class of a multi-class label map
+    write_volume(dataset / "labels" / "c.tif", lab)
+    with pytest.raises(LabelError) as err:
+        list_training_data(dataset)
+    msg = str(err.value)
+    assert msg.startswith(f"{dataset / 'labels' / 'c.tif'}: label values {shown} (first at slice z=3)")
+    assert "membrane = 1, not annotated = 255, background = 0" in msg and "several classes" in msg
+    assert isinstance(err.value, VolumeError)  # handled like every other bad input
+
+
+def test_every_bad_value_is_named_across_slabs_and_sidecars_limit_the_check(tmp_path, monkeypatch):
+    import scripts.io.labels
+    from scripts.io.volume import iter_slabs
+
+    # one slice per slab, as in a tomogram larger than the slab budget
+    def one_slice_per_slab(n: int, nbytes: int):
+        return iter_slabs(n, nbytes, budget=nbytes)
+
+    monkeypatch.setattr(scripts.io.labels, "iter_slabs", one_slice_per_slab)
+    lab = label([0, 1, 2, 3, 4, 5])
+    lab[1, 0, 0], lab[5, 0, 0] = 3, 9  # classes in two slabs far apart
+    assert annotated_slices(label([2, 4])) == [2, 4]
+    with pytest.raises(LabelError, match=r"big.mrc: label values 3, 9 \(first at slice z=1\)"):
+        annotated_slices(lab, path="big.mrc")
+    assert annotated_slices(lab, [0, 2, 3], path="big.mrc") == [0, 2, 3]  # unlisted slices are unused
+    with pytest.raises(LabelError, match="big.mrc: label values 9 "):
+        annotated_slices(lab, [0, 5], path="big.mrc")
+    td = _monailabel_training_data()
+    write_volume(tmp_path / "classes.nii.gz", lab)
+    with pytest.raises(LabelError, match=r"classes.nii.gz: label values 3, 9"):
+        td.open_label(tmp_path / "classes.nii.gz")

@@ -219,3 +219,79 @@ def test_network_width_comes_from_the_weights_unless_given(weights, fixtures_dir
     assert parser.get_parsed_content("network").width == 4  # the weights load: the width fits
     parser.update({"width": 8})
     assert parser.get_parsed_content("network_def", lazy=False).width == 8  # an explicit width wins
+
+
+LOCKER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_leaves_a_live_runs_files_alone_and_takes_over_when_it_dies(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("t1", "t2"):
+        _write_mrc(tomograms / f"{name}.mrc", rng.normal(size=(4, 48, 48)).astype(np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    # Another live run is writing t1: it holds t1's lock and has a partial file. A partial of a
+    # tomogram "t1_b" from a run on another folder shares the prefix "t1_".
+    theirs = out / ".t1_mask.partial-0123abcd.mrc"
+    theirs.write_bytes(b"being written")
+    neighbour = out / ".t1_b_mask.partial-4567cdef.mrc"
+    neighbour.write_bytes(b"being written too")
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(out / ".t1.lock")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        log = tmp_path / "run.log"
+        cmd = [
+            sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
+            "--dataset_dir", str(tomograms), "--output_dir", str(out), "--weights", str(weights),
+            "--width", "4",
+        ]  # fmt: skip
+        with open(log, "w") as sink:
+            run = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while "waiting for the other run" not in log.read_text() and run.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert run.poll() is None, "the run ended although t1 was still being written by another one"
+        assert (out / "t2_summary.json").exists()  # done first
+        assert theirs.read_bytes() == b"being written" and neighbour.exists()
+        assert not (out / "t1_summary.json").exists()
+    finally:
+        locker.kill()  # SIGKILL: the kernel drops its lock, no clean-up runs
+        locker.wait()
+    assert run.wait(timeout=300) == 0
+    assert "t1.mrc: another run is writing its outputs" in log.read_text()
+    # t1 is taken over: the dead run's partial is removed, the outputs are complete; the neighbour stays.
+    assert not theirs.exists() and neighbour.exists()
+    assert sorted(p.name for p in out.glob("t1_*")) == ["t1_mask.mrc", "t1_mask.tif", "t1_summary.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [neighbour.name]
+
+
+def test_two_runs_into_one_folder_both_succeed_with_the_outputs_of_one_run(tmp_path, weights):
+    tomograms = tmp_path / "tomograms"
+    tomograms.mkdir()
+    rng = np.random.default_rng(6)
+    for i in range(4):
+        _write_mrc(tomograms / f"t{i}.mrc", rng.normal(size=(6, 64, 64)).astype(np.float32))
+    clean = _run(tomograms, tmp_path / "clean", weights, "--batch_size", "1", "--min_object_voxels", "3")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "out"
+    runs = [_run(tomograms, out, weights, "--batch_size", "1", "--min_object_voxels", "3", wait=False)
+            for _ in range(2)]  # fmt: skip
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    for i in range(4):
+        name = f"t{i}_mask.mrc"
+        with mrcfile.open(tmp_path / "clean" / name) as a, mrcfile.open(out / name) as b:
+            np.testing.assert_array_equal(a.data, b.data)
+    assert len((out / "summary.csv").read_text().splitlines()) == 5

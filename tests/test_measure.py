@@ -281,3 +281,44 @@ def test_summary_uses_only_objects_off_the_border():
     assert s["stats"]["volume_nm3_mesh"]["sd"] == pytest.approx(math.sqrt(2.0))
     empty = summarize([], columns=["volume_nm3_mesh"])
     assert empty["n_objects"] == 0 and math.isnan(empty["stats"]["volume_nm3_mesh"]["mean"])
+
+
+# ----------------------------------------------------------------------------- degenerate meshes
+
+
+@pytest.mark.parametrize(
+    ("name", "smoothing", "degenerate"),
+    [
+        ("voxel", 25, True),
+        ("voxel", 0, True),  # an octahedron of 1/6 the voxel: all cut corners
+        ("filament", 25, True),
+        ("filament", 0, True),
+        ("diagonal", 25, True),
+        ("strip", 25, True),  # 1 x 2 x 2: smoothing shrinks it to a speck
+        ("strip", 0, False),
+        ("cube2", 25, False),
+        ("plate", 25, False),  # one voxel thin but wide: a proper surface
+    ],
+)
+def test_objects_too_small_or_thin_for_a_mesh_get_nan_and_a_flag(name, smoothing, degenerate):
+    sizes = {"voxel": (1, 1, 1), "filament": (1, 1, 12), "strip": (1, 2, 2), "cube2": (2, 2, 2),
+             "plate": (1, 6, 7), "diagonal": (6, 6, 6)}
+    mask = np.ones(sizes[name], bool)
+    if name == "diagonal":  # voxels touching only at their corners
+        mask = np.zeros_like(mask)
+        mask[range(6), range(6), range(6)] = True
+    row, mesh = _measure(mask, ANISO, smoothing)
+    voxels = mask.sum() * math.prod(ANISO)
+    assert row["voxel_count"] == mask.sum() and row["volume_nm3_voxels"] == pytest.approx(voxels)
+    assert row["mesh_degenerate"] is degenerate
+    assert mesh.is_watertight and 0 < row["volume_nm3_mesh_raw"] < voxels  # raw columns stay honest
+    if degenerate:
+        assert math.isnan(row["volume_nm3_mesh"]) and math.isnan(row["surface_area_nm2"])
+        assert math.isnan(row["surface_to_volume_um-1"])
+        # the exported mesh is the unsmoothed marching-cubes surface, not a collapsed speck
+        assert mesh.volume == pytest.approx(row["volume_nm3_mesh_raw"])
+    else:
+        assert 0.5 * voxels <= row["volume_nm3_mesh"] <= 1.1 * voxels
+        dz, dy, dx = (n * s for n, s in zip(mask.shape, ANISO, strict=True))
+        box_area = 2 * (dz * dy + dy * dx + dz * dx)
+        assert 0.5 * box_area < row["surface_area_nm2"] < 1.1 * box_area

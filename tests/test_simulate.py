@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import mrcfile
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import REPO
 from cryosxt_sim.phantom import GT_HALF_VOXELS, build_phantom
 from cryosxt_sim.simulate import INSTRUMENTS, main, simulate_tomogram
 from cryosxt_sim.tomography import get_projector, reconstruct, tilt_angles
@@ -222,3 +226,30 @@ def test_cli_entry_point(tmp_path):
     with mrcfile.open(tmp_path / "images" / files[0], permissive=True) as m:
         assert m.data.shape == (12, 40, 40)
         assert float(m.voxel_size.z) == pytest.approx(200.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--output_dir", "X"], "unknown option --output_dir; valid options: --out, --count,"),
+        ([], "missing option --out; valid options: --out, --count,"),
+        (["--out", "X", "--count", "two"], "--count must be a whole number >= 0, got 'two'"),
+        (["--out", "X", "--seed", "-1"], "--seed must be a whole number >= 0, got -1"),
+        (["--out", "X", "--cell", "plant"], "unknown cell kind 'plant'; choose from"),
+        (["--out", "X", "--instrument", "synchrotron"], "unknown instrument 'synchrotron'; choose from"),
+    ],
+    ids=["unknown flag", "no --out", "bad count", "bad seed", "bad cell", "bad instrument"],
+)
+def test_cli_refuses_bad_flags_before_any_work_and_writes_nothing(tmp_path, flags, expected):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    bundle = REPO / "bundle"
+    before = sorted(p.name for p in bundle.iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "cryosxt_sim", *flags, "--shape", "8,16,16", "--tilt_step_deg", "10"],
+        cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"ERROR: {expected}"), result.stderr[-2000:]
+    assert list(cwd.iterdir()) == []  # nothing simulated into a default folder
+    assert sorted(p.name for p in bundle.iterdir()) == before

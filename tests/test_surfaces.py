@@ -222,6 +222,53 @@ def test_workflow_outputs_measurements_meshes_and_pictures(tmp_path):
     assert _no_partial_files(out)
 
 
+# Cuboids (z, y, x) with the voxel counts 1, 810, 9800, 24332, 96819 and 429660, and where they lie.
+CUBOIDS = {
+    (1, 1, 1): (50, 120, 400),
+    (9, 9, 10): (50, 80, 300),
+    (14, 25, 28): (30, 80, 200),
+    (14, 22, 79): (10, 80, 100),
+    (3, 59, 547): (1, 80, 1),
+    (60, 77, 93): (1, 1, 1),
+}
+
+
+def test_cuboids_measure_sanely_and_a_single_voxel_is_flagged(tmp_path):
+    mask = np.zeros((64, 142, 552), np.uint8)
+    for size, corner in CUBOIDS.items():
+        mask[tuple(slice(c, c + n) for c, n in zip(corner, size, strict=True))] = 1
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    masks.mkdir()
+    write_mrc(masks / "cuboids.mrc", mask)
+    run(masks, out, min_voxels=1, formats=["ply"], pictures={"montage_slices": 0, "render_3d": False})
+    rows = sorted(_read_csv(out / "cuboids" / "objects.csv"), key=lambda r: int(r["voxel_count"]))
+    assert [int(r["voxel_count"]) for r in rows] == [1, 810, 9800, 24332, 96819, 429660]
+    voxel = VOXEL_NM**3
+    for r, size in zip(rows, CUBOIDS, strict=True):
+        voxels = int(r["voxel_count"]) * voxel
+        assert float(r["volume_nm3_voxels"]) == pytest.approx(voxels, rel=1e-6)
+        if size == (1, 1, 1):  # too small for a surface: no mesh numbers, a flag, the raw mesh exported
+            assert r["mesh_degenerate"] == "true", r
+            assert float(r["volume_nm3_mesh_raw"]) == pytest.approx(voxels / 6)  # an octahedron
+            assert r["volume_nm3_mesh"] == r["surface_area_nm2"] == r["surface_to_volume_um-1"] == ""
+            mesh = load_mesh(out / "cuboids" / "meshes" / f"object_{int(r['id']):04d}.ply")
+            assert mesh.is_watertight
+            assert mesh.volume == pytest.approx(float(r["volume_nm3_mesh_raw"]), rel=1e-3)
+            continue
+        assert r["mesh_degenerate"] == "false", r
+        # marching cubes cuts the edges and corners of the voxel box: a little less than the box
+        assert 0.5 * voxels < float(r["volume_nm3_mesh_raw"]) < voxels
+        assert 0.5 * voxels <= float(r["volume_nm3_mesh"]) <= 1.1 * voxels
+        dz, dy, dx = (n * VOXEL_NM for n in size)
+        box_area = 2 * (dz * dy + dy * dx + dz * dx)  # smoothing rounds the edges: a little less
+        assert 0.7 * box_area < float(r["surface_area_nm2"]) < box_area
+    (single,) = [o for o in json.loads((out / "cuboids" / "objects.json").read_text())["objects"]
+                 if o["voxel_count"] == 1]
+    assert single["volume_nm3_mesh"] is None and single["mesh_degenerate"] is True
+    stats = json.loads((out / "cuboids" / "summary.json").read_text())["stats"]
+    assert stats["volume_nm3_mesh"]["n"] == 5 and stats["volume_nm3_mesh"]["max"] <= 1.1 * 429660 * voxel
+
+
 def test_empty_mask_gives_an_empty_table_and_no_meshes(tmp_path):
     masks, out = tmp_path / "masks", tmp_path / "out"
     masks.mkdir()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.io.labels import LabelError
 from scripts.io.volume import write_volume
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.train.engine import (
@@ -162,9 +163,11 @@ def test_alternating_plans():
 
 
 def test_label_mapping_and_lazy_slice_loading(tmp_path: Path):
-    raw = np.array([[0, 1], [255, 2]], dtype=np.uint8)
+    raw = np.array([[0, 1], [255, 1]], dtype=np.uint8)
     target, mask = label_to_target(raw)
     assert target.tolist() == [[-1, 1], [-1, 1]] and mask.tolist() == [[1, 1], [0, 1]]
+    with pytest.raises(LabelError, match=r"cell.mrc: label values 2 \(first at slice z=4\)"):
+        label_to_target(np.array([[0, 1], [255, 2]], dtype=np.uint8), "cell.mrc", 4)  # not membrane
     image = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
     label = np.zeros((3, 4, 5), np.uint8)
     label[1, 0, 0], label[1, 3, :] = 1, 255
@@ -176,6 +179,16 @@ def test_label_mapping_and_lazy_slice_loading(tmp_path: Path):
     assert out["label"][0, 0, 0] == 1 and out["label"][0, 1, 1] == -1
     assert out["mask"][0, 3].sum() == 0 and out["mask"][0, :3].min() == 1
     assert out["image_path"] == str(tmp_path / "i.mrc")
+
+
+def test_load_sliced_refuses_a_label_slice_with_other_values(tmp_path: Path):
+    write_volume(tmp_path / "i.mrc", np.zeros((3, 4, 5), np.float32), 10.0)
+    label = np.zeros((3, 4, 5), np.uint8)
+    label[2, 1, 1] = 7
+    write_volume(tmp_path / "l.mrc", label, 10.0)
+    item = {"image": str(tmp_path / "i.mrc"), "label": str(tmp_path / "l.mrc"), "z": 2}
+    with pytest.raises(LabelError, match=r"l.mrc: label values 7 \(first at slice z=2\)"):
+        LoadSliced()(item)
 
 
 def _parser(**overrides):
@@ -246,6 +259,26 @@ def test_train_config_properties_and_supervised_only_switch(tiny_dataset: Path, 
     assert trainer.unlabeled_data_loader is None
     assert set(trainer.data_loader.plan()) == {LABELED}
     assert len(trainer.data_loader.plan()) == len(workflow.trainer.labeled_data_loader)
+
+
+def test_multi_class_label_stops_the_bundle_run_before_training(tiny_dataset: Path, tmp_path: Path):
+    import shutil
+
+    from scripts.io.volume import open_volume
+
+    dataset, out = tmp_path / "D", tmp_path / "run"
+    shutil.copytree(tiny_dataset, dataset)
+    label_path = sorted((dataset / "labels").glob("*.mrc"))[-1]
+    label = np.array(open_volume(label_path).data)
+    label[5, :4, :4] = 3  # a third class
+    write_volume(label_path, label, 9.8)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           str(CONFIGS / "train.json"), "--dataset_dir", str(dataset), "--output_dir", str(out), *TINY]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{label_path}: label values 3 (first at slice z=5) are not allowed" in log, log[-3000:]
+    assert not any(out.glob("*.pt")) and not (out / "history.jsonl").exists()  # nothing trained
 
 
 def test_training_lowers_loss_and_writes_outputs(trained_run: Path):

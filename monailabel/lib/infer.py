@@ -19,7 +19,6 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,21 @@ from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import device_list
+
+from .request_options import (
+    SEGMENTATION_OPTIONS,
+    OptionError,
+    Spec,
+    device_choices,
+    infer_options,
+    parse_options,
+    refuse_expressions,
+)
 
 logger = logging.getLogger(__name__)
 
 MASK_VALUE = 1  # membrane voxels in the returned mask; 0 is background to every viewer
-
-
-def _as_float(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise HTTPException(status_code=400, detail=f"{name} must be a number, got {value!r}") from None
-
-
-def _option(parse: Callable[..., Any], value: Any, name: str) -> Any:
-    """A request option parsed by the bundle's ``scripts.options``; a bad value is a 400, not a 500."""
-    try:
-        return parse(value, name)
-    except ValueError as err:
-        raise HTTPException(status_code=400, detail=str(err)) from None
 
 
 class TomogramSegmentation(BasicInferTask):
@@ -54,8 +49,9 @@ class TomogramSegmentation(BasicInferTask):
 
     Request options (also listed in /info, so 3D Slicer shows them): ``tta`` (8-fold flips/rotations),
     ``threshold`` (tanh cut, 0 in the paper), ``batch_size`` (slices per forward pass),
-    ``slice_range`` (``[z0, z1)`` to segment, e.g. "10,40"; empty: all; other slices stay 0),
-    ``probability`` (return the membrane probability, uint8 0-255, instead of the mask),
+    ``slice_range`` (``[z0, z1)`` to segment, e.g. "10-40"; empty: all; other slices stay 0),
+    ``probability`` (return the membrane probability instead of the mask: "uint8" 0-255 or
+    "float16" 0-1),
     ``model_filename`` (one of ``models/*.pt``) and ``result_extension`` (``.mrc``, ``.tif``,
     ``.nii.gz``...; default: the study's own format, so that a viewer opens image and mask with the
     same reader and the same geometry). The mask is uint8 (1 = membrane) with the study's voxel size.
@@ -90,7 +86,7 @@ class TomogramSegmentation(BasicInferTask):
                 "threshold": float(raw.get("threshold", 0.0)),
                 "batch_size": int(raw.get("batch_size", 2)),
                 "slice_range": "",
-                "probability": False,
+                "probability": ["none", "uint8", "float16"],  # a combo box in 3D Slicer
                 "model_filename": models or ["model.pt"],
             },
             preload=False,
@@ -106,6 +102,13 @@ class TomogramSegmentation(BasicInferTask):
         i["version"] = self.version
         return i
 
+    def option_schema(self) -> dict[str, Spec]:
+        """The options an /infer request may carry (request_options); models/*.pt re-read each time."""
+        import torch
+
+        models = sorted((p.name for p in (Path(self.bundle_path) / "models").glob("*.pt")), key=len)
+        return infer_options(models, device_choices(device_list(), torch.cuda.device_count()))
+
     # ------------------------------------------------------------------ helpers
 
     def weights_path(self, data: dict[str, Any] | None = None) -> Path:
@@ -119,10 +122,20 @@ class TomogramSegmentation(BasicInferTask):
         return (Path(self.bundle_path) / "models" / "model.pt").is_file()
 
     def _parser(self, **overrides: Any) -> ConfigParser:
+        refuse_expressions(overrides)  # request values arrive parsed; this holds it at the parser
         parser = ConfigParser()
         parser.read_config(str(self.config_file))
         parser.update({"bundle_root": self.bundle_path, **overrides})
         return parser
+
+    def _segmentation_options(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The segmentation options of ``data`` (the request over the /info defaults) as typed values:
+        parsed again here, by the same allow-list as the request, whatever way the request came."""
+        given = {name: data[name] for name in SEGMENTATION_OPTIONS if name in data}
+        try:
+            return parse_options(given, SEGMENTATION_OPTIONS)
+        except OptionError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
 
     def _predictor(self, device: str, weights: Path, tta: bool) -> Any:
         """The bundle's SlicePredictor, cached until the weights file changes (a retrain replaces it)."""
@@ -164,17 +177,14 @@ class TomogramSegmentation(BasicInferTask):
         if not weights.is_file():
             raise HTTPException(status_code=503, detail=f"no model weights at {weights}: train a model first "
                                 "(POST /train) or upload one (PUT /model)")
-        from scripts.infer.segment import segment_volume, slice_bounds
+        from scripts.infer.segment import output_dtype, segment_volume, slice_bounds
         from scripts.io.sinks import ArraySink
-        from scripts.options import as_bool, as_range
 
-        tta = _option(as_bool, data.get("tta", False), "tta")
-        probability = _option(as_bool, data.get("probability", False), "probability")
-        slices = _option(as_range, data.get("slice_range"), "slice_range")
-        threshold = _as_float(data.get("threshold", 0.0), "threshold")
-        batch = max(1, int(_as_float(data.get("batch_size", 2), "batch_size")))
+        options = self._segmentation_options(data)
+        tta, threshold = options.get("tta", False), options.get("threshold", 0.0)
+        batch, probability = options.get("batch_size", 2), options.get("probability")
         try:
-            z0, z1 = slice_bounds(slices, volume.shape[0], volume.path)
+            z0, z1 = slice_bounds(options.get("slice_range"), volume.shape[0], volume.path)
         except ValueError as err:
             raise HTTPException(status_code=400, detail=str(err)) from None
         predictor = self._predictor(str(device), weights, tta)
@@ -183,17 +193,18 @@ class TomogramSegmentation(BasicInferTask):
         # The bundle's slice-segmentation core, as the folder segmenter runs it, into memory.
         mask = np.zeros(volume.shape, dtype=np.uint8)
         sinks = {"mask": [ArraySink(mask)]}
-        prob = np.zeros(volume.shape, dtype=np.uint8) if probability else None
+        prob = np.zeros(volume.shape, dtype=output_dtype("prob", probability)) if probability else None
         if prob is not None:
             sinks["prob"] = [ArraySink(prob)]
-        segment_volume(volume.data, predictor, post, sinks, (z0, z1), batch_size=batch, probability="uint8")
+        segment_volume(volume.data, predictor, post, sinks, (z0, z1), batch_size=batch,
+                       probability=probability)
         if post.needs_volume:
             mask = post.volume(mask)
         mask *= MASK_VALUE
         data[self.output_label_key] = prob if prob is not None else mask
         data[self.output_json_key] = {
             "shape": list(mask.shape),
-            "output": "probability (uint8, 255 = 1)" if prob is not None else "mask",
+            "output": f"probability ({probability})" if prob is not None else "mask",
             "slices_segmented": [z0, z1],
             "voxel_size_nm": list(volume.voxel_size_nm) if volume.voxel_size_nm else None,
             "membrane_voxels": int(np.count_nonzero(mask)),

@@ -25,8 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import device_list
 
+from .request_options import (
+    TRAIN_IGNORED,
+    Spec,
+    device_choices,
+    parse_options,
+    refuse_expressions,
+    train_options,
+)
 from .training_data import build_training_folder
+from .weights import publish_weights
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,9 @@ BUNDLE_OPTIONS = {
 }
 # Stock options that do not apply here (no MLflow in this environment; DDP is the bundle's own job).
 DROPPED_OPTIONS = ("tracking", "tracking_uri", "tracking_experiment_name", "run_id")
+# Request keys MONAI Label itself sets (the model name, the bundle path for the task's PYTHONPATH, the
+# task process's rank); dropped before the options are parsed (a client's copy too).
+INTERNAL_KEYS = ("model", "bundle_path", "local_rank")
 
 
 class SemiSupervisedTrain(BundleTrainTask):
@@ -88,6 +101,21 @@ class SemiSupervisedTrain(BundleTrainTask):
                 options[option] = 0 if value is None and option == "unlabeled_steps_per_epoch" else value
         return options
 
+    def option_schema(self) -> dict[str, Spec]:
+        """The options a /train request may carry (request_options); the weights choice is re-read
+        from models/*.pt at each request, so an uploaded or newly trained file can be chosen."""
+        import torch
+
+        found = {p.name for p in (Path(self.bundle_path) / "models").glob("*.pt")}
+        models = sorted(found | {"model.pt"}, key=len)  # model.pt: the name a first training writes
+        return train_options(models, device_choices(device_list(), torch.cuda.device_count()))
+
+    def checked_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``request`` with its options parsed to their types (OptionError if one is bad)."""
+        options = {k: v for k, v in request.items() if k not in INTERNAL_KEYS}
+        typed = parse_options(options, self.option_schema(), TRAIN_IGNORED)
+        return {**typed, **({"model": request["model"]} if "model" in request else {})}
+
     def stats(self) -> dict[str, Any]:
         path = Path(self.bundle_path) / STATS_FILE
         try:
@@ -120,7 +148,8 @@ class SemiSupervisedTrain(BundleTrainTask):
 
     def _fetch_datalist(self, request: dict[str, Any], datastore: Any) -> list[dict[str, str]]:
         assert self._dataset_dir is not None
-        summary = build_training_folder(datastore, self._dataset_dir)
+        studies = getattr(datastore, "studies", None)  # a local datastore's folder: only files inside it
+        summary = build_training_folder(datastore, self._dataset_dir, studies=studies)
         self._summary = summary
         logger.info("training data: %d labeled, %d unlabeled tomograms; skipped: %s",
                     len(summary["labeled"]), len(summary["unlabeled"]), summary["skipped"] or "none")
@@ -158,7 +187,9 @@ class SemiSupervisedTrain(BundleTrainTask):
         for key, value in (("progress_bar", False), ("resume", False)):
             if key in config:
                 overrides[key] = value  # a tqdm bar garbles the task log; each run starts afresh
-        logger.info("bundle overrides: %s", {k: v for k, v in overrides.items() if k != "train#handlers"})
+        shown = {k: v for k, v in overrides.items() if k != "train#handlers"}  # stock "$@network" inside
+        refuse_expressions(shown)  # the request was parsed to plain values; this holds it at the parser
+        logger.info("bundle overrides: %s", shown)
         return overrides
 
     def _width(self, request: dict[str, Any]) -> int:
@@ -186,7 +217,9 @@ class SemiSupervisedTrain(BundleTrainTask):
     def __call__(self, request: dict[str, Any], datastore: Any) -> dict[str, Any]:
         from scripts.options import as_bool
 
-        request = {**self.config(), **request}
+        # Parsed again here (the server parsed it before starting this process): whatever path a
+        # request takes, only typed values go on. The defaults from config() are the app's own.
+        request = {**self.config(), **self.checked_request(request)}
         for key in ("device", "model_filename"):
             if isinstance(request.get(key), list):
                 request[key] = request[key][0] if request[key] else None
@@ -230,23 +263,8 @@ class SemiSupervisedTrain(BundleTrainTask):
 
     @staticmethod
     def _publish(run_dir: Path, target: Path) -> Path:
-        """Copy the run's best model (else its last epoch) to ``target`` as a plain state dict."""
-        import torch
-
-        from scripts.network.weights import read_state_dict
-
-        best, last = run_dir / "model.pt", run_dir / "last.pt"
-        source = best if best.is_file() else last  # last.pt also holds optimiser and trainer state
-        if not source.is_file():
-            raise RuntimeError(f"training wrote no checkpoint in {run_dir} (model.pt or last.pt)")
-        state = read_state_dict(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Not atomic_output: its temporary name ends in .pt and would be listed among models/*.pt.
-        tmp = target.with_name(f".{target.name}.partial")
-        torch.save(state, tmp)
-        os.replace(tmp, target)  # the inference task sees a complete file or the old one
-        logger.info("published %s -> %s", source, target)
-        return source
+        """Copy the run's best model (else its last epoch) to ``target`` (weights_only loading)."""
+        return publish_weights(run_dir, target)
 
 
 def _file_width(path: Path) -> int | None:
@@ -260,4 +278,3 @@ def _file_width(path: Path) -> int | None:
     except WeightsError as err:  # the CheckpointLoader will say more
         logger.warning("width of %s unknown: %s", path, err)
         return None
-

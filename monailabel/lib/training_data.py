@@ -57,30 +57,33 @@ def parse_annotated_spec(spec: Any, n_slices: int) -> list[int] | str:
         raise ValueError(f"{ANNOTATED_KEY}: {err}") from None
 
 
-def scan_label(data: np.ndarray) -> tuple[bool, list[int]]:
-    """(uses 255 anywhere, z indices of slices with a membrane voxel), read slab by slab."""
-    from scripts.io.volume import iter_slabs
-    from scripts.train.labels import IGNORE_VALUE
+def scan_label(data: np.ndarray, path: str | os.PathLike = "label") -> tuple[bool, list[int]]:
+    """(uses 255 anywhere, z indices of slices with a membrane voxel), read slab by slab.
 
-    uses_ignore, nonempty = False, []
-    for start, stop in iter_slabs(data.shape[0], data[0].nbytes):
-        block = np.asarray(data[start:stop])
-        if block.dtype == np.int8:  # MRC mode 0 without the IMOD unsigned flag: 255 reads as -1
-            block = block.view(np.uint8)
-        ignore = block == IGNORE_VALUE
-        uses_ignore |= bool(ignore.any())
-        membrane = (block != 0) & ~ignore
-        nonempty.extend(int(start + i) for i in np.flatnonzero(membrane.any(axis=(1, 2))))
-    return uses_ignore, nonempty
+    The bundle's label reader (``scripts.io.labels``) checks the values: other than 0, 1 and 255 is a
+    LabelError (a VolumeError) naming ``path``.
+    """
+    from scripts.io.labels import scan_labels
+
+    found = scan_labels(data, path)
+    return found.uses_ignore, found.membrane
 
 
 def open_label(path: str | os.PathLike) -> Any:
-    """A label volume; labels often carry no voxel size (the image's is what counts): no warning."""
+    """A label volume whose values are checked (LabelError naming the file); labels often carry no
+    voxel size (the image's is what counts): no warning.
+
+    Checked here, on upload and when the training folder is built, whatever ``annotated_slices``
+    says: a multi-class label map is refused at once instead of failing a later retrain.
+    """
+    from scripts.io.labels import scan_labels
     from scripts.io.volume import open_volume
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return open_volume(path, allow_2d=True, check_finite=False)
+        label = open_volume(path, allow_2d=True, check_finite=False)
+    scan_labels(label.data, path)
+    return label
 
 
 def annotated_slices_for(label: Any, info: dict[str, Any] | None) -> list[int] | None:
@@ -107,32 +110,50 @@ def _link(target: Path, link: Path) -> None:
             shutil.copy2(target, link)
 
 
-def build_training_folder(datastore: DatastoreView, root: str | os.PathLike) -> dict[str, Any]:
+def _checked_uri(uri: str, studies: Path | None, what: str) -> Path:
+    """``uri`` resolved; ValueError unless it is a file path inside ``studies`` (when known)."""
+    from .safe_paths import inside
+
+    if not uri:
+        raise ValueError(f"{what}: the datastore gives no file")
+    return inside(uri, studies, what) if studies is not None else Path(uri)
+
+
+def build_training_folder(datastore: DatastoreView, root: str | os.PathLike,
+                          studies: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write ``root/images`` and ``root/labels`` (+ sidecars) for every readable study.
 
     Studies that cannot be opened, and labels that cannot be opened or do not match their image,
     are skipped with a warning (one bad file must not stop a retrain); they are listed in the summary.
+    So are studies whose id cannot name a file in ``root`` (an absolute or ``../`` id) and files that
+    resolve outside ``studies`` (the datastore folder): only files inside it are linked.
     """
     from scripts.io.volume import VolumeError, open_volume, volume_suffix
     from scripts.train.dataset import SIDECAR_SUFFIX
 
+    from .safe_paths import is_link_name
+
     root = Path(root)
+    folder = Path(studies).resolve() if studies is not None else None
     summary: dict[str, Any] = {"labeled": [], "unlabeled": [], "skipped": {}}
     for image_id in sorted(datastore.list_images()):
-        image_uri = datastore.get_image_uri(image_id)
         try:
+            if not is_link_name(image_id):
+                raise ValueError(f"id {image_id!r} cannot name a file (a path?)")
+            image_uri = _checked_uri(datastore.get_image_uri(image_id), folder, f"image {image_id!r}")
             image = open_volume(image_uri, check_finite=False)
-        except (VolumeError, OSError) as err:
+        except (VolumeError, ValueError, OSError) as err:
             summary["skipped"][image_id] = f"image: {err}"
             logger.warning("training: skipping study %s: %s", image_id, err)
             continue
-        _link(Path(image_uri), root / "images" / f"{image_id}{volume_suffix(image_uri)}")
-        label_uri = datastore.get_label_uri(image_id, FINAL_TAG)
-        if not label_uri:
-            summary["unlabeled"].append(image_id)
-            continue
+        _link(image_uri, root / "images" / f"{image_id}{volume_suffix(image_uri)}")
         try:
-            label = open_label(label_uri)
+            label_uri = datastore.get_label_uri(image_id, FINAL_TAG)
+            if not label_uri:
+                summary["unlabeled"].append(image_id)
+                continue
+            label_path = _checked_uri(label_uri, folder, f"label of {image_id!r}")
+            label = open_label(label_path)
             if label.shape != image.shape:
                 raise VolumeError(f"{label_uri}: shape {label.shape} differs from the image's {image.shape}")
             slices = annotated_slices_for(label, datastore.get_label_info(image_id, FINAL_TAG))
@@ -145,8 +166,8 @@ def build_training_folder(datastore: DatastoreView, root: str | os.PathLike) -> 
             summary["skipped"][image_id] = "label: no annotated slice (no membrane voxel and no 255)"
             summary["unlabeled"].append(image_id)
             continue
-        label_link = root / "labels" / f"{image_id}{volume_suffix(label_uri)}"
-        _link(Path(label_uri), label_link)
+        label_link = root / "labels" / f"{image_id}{volume_suffix(label_path)}"
+        _link(label_path, label_link)
         if slices is not None:
             label_link.with_name(image_id + SIDECAR_SUFFIX).write_text(" ".join(map(str, slices)) + "\n")
         summary["labeled"].append(image_id)

@@ -6,10 +6,11 @@ import csv
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,21 @@ import numpy as np
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePredictor
 from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
-from scripts.infer.segment import output_dtype, segment_volume, slice_bounds
-from scripts.io.atomic import PARTIAL_MARKER, atomic_output
+from scripts.infer.segment import KINDS, output_dtype, segment_volume, slice_bounds
+from scripts.io.atomic import PARTIAL_MARKER, atomic_output, output_folder
+from scripts.io.diskspace import check_free_space, new_memmap
+from scripts.io.locks import FileLock
 from scripts.io.pages import release_pages
 from scripts.io.sinks import ArraySink
-from scripts.io.volume import SliceWriter, Volume, VolumeError, find_volumes, open_volume, volume_stem
+from scripts.io.volume import (
+    SliceWriter,
+    Volume,
+    VolumeError,
+    bytes_to_write,
+    find_volumes,
+    open_volume,
+    volume_stem,
+)
 from scripts.options import as_bool, as_choice, as_optional, as_range, as_voxel_size
 
 __all__ = ["TomogramSegmenter", "InferenceError"]
@@ -43,6 +54,9 @@ class TomogramSegmenter:
     ``NAME_recon`` (the image decoder's reconstruction, float16), ``NAME_uncertainty`` (TTA variance,
     float16), in each of ``formats``, then ``NAME_summary.json``. The summary is written last: a
     tomogram whose summary and outputs exist is complete and skipped on a rerun.
+
+    Runs may share an output folder: a run holds ``.NAME.lock`` while it writes NAME, another run
+    does the other tomograms first and then waits for that one (docs/inference.md).
 
     Args:
         predictor: runs the network on batches of slices.
@@ -117,10 +131,33 @@ class TomogramSegmenter:
         paths = [p for ps in self._outputs(stem).values() for p in ps] + [self._summary_path(stem)]
         return all(p.is_file() for p in paths)
 
+    def _lock_path(self, path: Path) -> Path:
+        return self.output_dir / f".{volume_stem(path)}.lock"
+
     def _remove_stale_partials(self, stem: str) -> None:
-        # Left by a process that was killed (SIGKILL gives no chance to clean up).
-        for stale in self.output_dir.glob(f".{stem}_*{PARTIAL_MARKER}*"):
-            stale.unlink(missing_ok=True)
+        # Left by a process that was killed (SIGKILL gives no chance to clean up). Called only while
+        # holding the tomogram's lock, so no live run owns them. The pattern is exact: the partials
+        # of "a" must not match those of "a_b".
+        kinds = "|".join((*KINDS, "summary"))
+        own = re.compile(rf"\.{re.escape(stem)}_({kinds}){re.escape(PARTIAL_MARKER)}")
+        for stale in self.output_dir.iterdir():
+            if own.match(stale.name):
+                stale.unlink(missing_ok=True)
+
+    def _space_needed(self, volume: Volume, outputs: dict[str, list[Path]], world: int) -> int:
+        """Peak bytes the outputs of ``volume`` take in the output folder, temporary files included."""
+        shape = volume.data.shape
+        needed = sum(bytes_to_write(p, shape, self._dtype(k)) for k, paths in outputs.items() for p in paths)
+        voxels = int(np.prod(shape))
+        if world > 1:  # one raw file per kind, shared by the ranks
+            needed += sum(voxels * self._dtype(kind).itemsize for kind in outputs)
+        elif self.post.needs_volume:  # the staged raw mask
+            needed += voxels
+        return needed
+
+    def _check_space(self, volume: Volume, outputs: dict[str, list[Path]], world: int) -> None:
+        needed = self._space_needed(volume, outputs, world)
+        check_free_space(self.output_dir, needed, f"the outputs of {volume.path}")
 
     # ------------------------------------------------------------------------------ one tomogram
     def segment(self, path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict | None:
@@ -141,6 +178,7 @@ class TomogramSegmenter:
                 return None
         else:
             self._remove_stale_partials(stem)
+            self._check_space(volume, outputs, world)
             with ExitStack() as stack:
                 writers = {
                     kind: [stack.enter_context(self._writer(p, volume, kind)) for p in paths]
@@ -194,9 +232,11 @@ class TomogramSegmenter:
             def create_raw_files() -> None:
                 if rank == 0:
                     self._remove_stale_partials(stem)
+                    self._check_space(volume, outputs, world)
                     for kind, raw in raws.items():
                         stack.callback(raw.unlink, missing_ok=True)
-                        np.memmap(raw, dtype=self._dtype(kind), mode="w+", shape=shape).flush()  # zeros
+                        what = f"the {kind} of {volume.path.name}"
+                        new_memmap(raw, self._dtype(kind), shape, what)  # zeros, mapped by every rank below
 
             def predict_my_part() -> None:
                 for kind, raw in raws.items():
@@ -231,7 +271,7 @@ class TomogramSegmenter:
         # The raw mask waits on disk for whole-volume clean-up, so memory does not grow with depth.
         raw = self.output_dir / f".{stem}_mask{PARTIAL_MARKER}{secrets.token_hex(4)}.raw"
         stack.callback(raw.unlink, missing_ok=True)
-        return np.memmap(raw, dtype=np.uint8, mode="w+", shape=volume.data.shape)
+        return new_memmap(raw, np.uint8, volume.data.shape, f"the staged mask of {volume.path.name}")
 
     def _segment_range(
         self, volume: Volume, writers: dict, z_range: tuple[int, int], extent: tuple[int, int]
@@ -262,10 +302,11 @@ class TomogramSegmenter:
         """Segment a folder of tomograms (or a list of files); with torchrun, ranks share the work.
 
         Unreadable tomograms are reported by name and skipped; :class:`InferenceError` is raised at the
-        end if any failed, after the others are done.
+        end if any failed, after the others are done. A tomogram that another run is writing into the
+        same output folder is left to the end, then waited for.
         """
         rank, world = join()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        output_folder(self.output_dir)
         if isinstance(tomograms, (str, os.PathLike)):
             paths = find_volumes(tomograms)
         else:
@@ -285,29 +326,34 @@ class TomogramSegmenter:
             "slices" if share_slices else "tomograms",
             self.weights,
         )
-        summaries, failures = [], []
+        started = time.time()
+        summaries: list[dict] = []
+        failures: list[str] = []
+        busy: list[Path] = []
         for path in mine:
             if not self.overwrite and self.is_complete(path):
                 logger.info("%s: outputs complete, skipped (set overwrite to redo)", path.name)
                 summaries.append(json.loads(self._summary_path(volume_stem(path)).read_text()))
                 continue
-            try:
-                summary = self.segment(path, *ranks)
-            except (VolumeError, OSError, ValueError) as err:
-                message = str(err) if str(path) in str(err) else f"{path}: {err}"
-                logger.error(message)
-                failures.append(message)
+            if share_slices:  # the ranks go through the tomograms in step: rank 0 waits for the lock
+                with FileLock(self._lock_path(path)) if rank == 0 else nullcontext():
+                    self._segment_one(path, ranks, summaries, failures)
                 continue
-            if summary is None:  # another rank wrote this tomogram's outputs
+            lock = FileLock(self._lock_path(path))
+            if not lock.acquire(blocking=False):
+                logger.warning(
+                    "%s: another run is writing its outputs into %s; coming back to it at the end",
+                    path.name,
+                    self.output_dir,
+                )
+                busy.append(path)
                 continue
-            summaries.append(summary)
-            logger.info(
-                "%s: %d slices in %.1f s, foreground %.4f",
-                path.name,
-                summary["shape"][0],
-                summary["seconds"],
-                summary["foreground_fraction"],
-            )
+            with lock:
+                self._segment_unless_done(path, started, summaries, failures)
+        for path in busy:
+            logger.info("%s: waiting for the other run to finish it", path.name)
+            with FileLock(self._lock_path(path)):
+                self._segment_unless_done(path, started, summaries, failures)
         # When ranks share slices every rank saw every failure: count them once.
         failed = sum_over_ranks(len(failures) if rank == 0 or not share_slices else 0)
         if rank == 0:
@@ -316,6 +362,34 @@ class TomogramSegmenter:
         if failures or failed:
             raise InferenceError(f"{failed} tomogram(s) failed: " + "; ".join(failures))
         return summaries
+
+    def _segment_unless_done(self, path: Path, started: float, summaries: list, failures: list) -> None:
+        """Under the tomogram's lock: segment it, unless another run completed it meanwhile."""
+        summary_path = self._summary_path(volume_stem(path))
+        if self.is_complete(path) and (not self.overwrite or summary_path.stat().st_mtime >= started):
+            logger.info("%s: outputs complete (written by another run)", path.name)
+            summaries.append(json.loads(summary_path.read_text()))
+            return
+        self._segment_one(path, (0, 1), summaries, failures)
+
+    def _segment_one(self, path: Path, ranks: tuple[int, int], summaries: list, failures: list) -> None:
+        try:
+            summary = self.segment(path, *ranks)
+        except (VolumeError, OSError, ValueError) as err:
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            logger.error(message)
+            failures.append(message)
+            return
+        if summary is None:  # another rank wrote this tomogram's outputs
+            return
+        summaries.append(summary)
+        logger.info(
+            "%s: %d slices in %.1f s, foreground %.4f",
+            path.name,
+            summary["shape"][0],
+            summary["seconds"],
+            summary["foreground_fraction"],
+        )
 
     def _write_table(self, paths: list[Path]) -> None:
         rows = []

@@ -1,14 +1,21 @@
-"""Atomic file output: write to a temporary file next to the target, then rename it into place."""
+"""Atomic file output: write to a temporary file next to the target, then rename it into place.
+
+Also the checks of an output folder (a folder, writable), so that errors name the folder the user
+chose rather than a hidden temporary file in it.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["PARTIAL_MARKER", "atomic_output", "full_suffix"]
+__all__ = ["PARTIAL_MARKER", "OutputFolderError", "atomic_output", "full_suffix", "output_folder"]
+
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 # Marks temporary files so that folder scans (find_volumes) can skip them.
 PARTIAL_MARKER = ".partial-"
@@ -43,6 +50,39 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: nothing was written to the temporary file {tmp.name}")
         os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
+    except OSError as err:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if err.errno in _NOT_WRITABLE and err.filename is not None and Path(err.filename) == tmp:
+            raise OutputFolderError(
+                err.errno, f"{path.parent}: cannot write into this folder ({err.strerror})"
+            ) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class OutputFolderError(OSError):
+    """An output folder that is a file, cannot be created or cannot be written; the message names it."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
+
+def output_folder(path: str | os.PathLike, name: str = "output_dir") -> Path:
+    """Create ``path`` if needed and check that it is a writable folder; returns it as a Path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(errno.ENOTDIR, f"{path}: {name} is an existing file; a folder was expected")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker is not None else err.strerror
+        raise OutputFolderError(err.errno, f"{path}: cannot create the {name} folder ({why})") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        why = "read-only file system" if read_only else "permission denied"
+        raise OutputFolderError(errno.EACCES, f"{path}: cannot write into the {name} folder ({why})")
+    return path

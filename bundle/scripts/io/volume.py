@@ -22,6 +22,7 @@ import numpy as np
 import tifffile
 
 from scripts.io.atomic import PARTIAL_MARKER, atomic_output, full_suffix
+from scripts.io.diskspace import new_memmap, reserve
 from scripts.io.pages import release_pages
 from scripts.io.sinks import Sink
 
@@ -34,6 +35,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "as_float_slice",
+    "bytes_to_write",
     "find_volumes",
     "is_volume_file",
     "iter_slabs",
@@ -429,6 +431,26 @@ def _target_dtype(fmt: str, dtype: np.dtype, path: Path) -> np.dtype:
     return dtype
 
 
+def bytes_to_write(path: str | os.PathLike, shape: Sequence[int], dtype: Any) -> int:
+    """Upper bound of the disk space a :class:`SliceWriter` of ``path`` uses at its peak.
+
+    Headers, TIFF page tables and the NIfTI buffer included, rounded up to whole 64 KiB blocks, so
+    that a run can check the free space before it starts a tomogram.
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    shape = tuple(int(n) for n in shape)
+    data = int(np.prod(shape)) * _target_dtype(fmt, np.dtype(dtype), path).itemsize
+    if fmt == "mrc":
+        total = data + 1024
+    elif fmt == "tiff":
+        total = data + 4096 + 512 * shape[0]  # one IFD per slice
+    else:  # buffer, then the file nibabel writes (gzip can grow incompressible data a little)
+        total = data + data + data // 100 + 4096
+    block = 64 * 1024
+    return -(-total // block) * block
+
+
 def _narrow_int(array: np.ndarray) -> np.dtype:
     """Smallest MRC integer dtype holding the values of a wide integer array (scanned in slabs)."""
     lo, hi = 0, 0
@@ -460,8 +482,13 @@ class _MrcSink:
     """Sink: an MRC file through mrcfile's memory map; header statistics are set on close."""
 
     def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None) -> None:
+                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
         self.mrc = mrcfile.new_mmap(tmp, shape=shape, mrc_mode=_MRC_MODES[dtype], overwrite=True)
+        try:
+            reserve(tmp, what)  # before the first write through the map (see diskspace.py)
+        except BaseException:
+            self.mrc.close()
+            raise
         header = self.mrc.header
         if _MRC_MODES[dtype] == 0:  # say explicitly whether bytes are signed (IMOD, 3dmod, MIB honour it)
             extra = bytearray(header.extra2.tobytes())
@@ -520,13 +547,18 @@ class _TiffSink:
     """Sink: an uncompressed TIFF through tifffile's memory map."""
 
     def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None) -> None:
+                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
         # An uncompressed, contiguous TIFF written through a memmap: slices may come in any order.
         options = _tiff_options(dtype, vox)
         with warnings.catch_warnings():
             # > 4 GB: tifffile writes one IFD and ImageJ reads the rest from "images=" (docs/data.md)
             warnings.filterwarnings("ignore", message=".*truncating ImageJ file")
             self.data: np.memmap | None = tifffile.memmap(tmp, shape=shape, dtype=dtype, **options)
+        try:
+            reserve(tmp, what)  # before the first write through the map (see diskspace.py)
+        except BaseException:
+            self.data = None
+            raise
 
     def write(self, z0: int, block: np.ndarray) -> None:
         self.data[z0 : z0 + block.shape[0]] = block  # type: ignore[index]
@@ -560,10 +592,10 @@ class _NiftiSink:
     """Sink: a raw memory-mapped buffer, saved as NIfTI by nibabel on close."""
 
     def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None) -> None:
+                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
         self.tmp, self.dtype, self.vox, self.origin = tmp, dtype, vox, origin
         self.buffer_path = tmp.with_name(tmp.name + ".buffer")  # hidden and marked partial too
-        self.data: np.memmap | None = np.memmap(self.buffer_path, dtype=dtype, mode="w+", shape=shape)
+        self.data: np.memmap | None = new_memmap(self.buffer_path, dtype, shape, what)
 
     def write(self, z0: int, block: np.ndarray) -> None:
         self.data[z0 : z0 + block.shape[0]] = block  # type: ignore[index]
@@ -616,7 +648,8 @@ class SliceWriter:
         tmp = self._atomic.__enter__()
         try:
             sink_type = _SINKS[self.fmt]
-            self._sink = sink_type(tmp, self.shape, self.dtype, self.voxel_size_nm, self.origin_angstrom)
+            self._sink = sink_type(tmp, self.shape, self.dtype, self.voxel_size_nm, self.origin_angstrom,
+                                   self.path.name)
         except BaseException as err:
             self._atomic.__exit__(type(err), err, err.__traceback__)
             raise

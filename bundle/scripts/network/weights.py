@@ -67,7 +67,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a foreign or truncated file
-        raise WeightsError(f"{path}: not a PyTorch weights file ({type(err).__name__}: {err})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch adds pages of advice
+        raise WeightsError(f"{path}: not a PyTorch weights file ({type(err).__name__}: {reason})") from err
     # MONAI's CheckpointSaver stores {"network": state_dict, "optimizer": ...}.
     if isinstance(payload, dict) and isinstance(payload.get("network"), dict):
         payload = payload["network"]

@@ -66,6 +66,7 @@ COLUMNS = [
     "surface_area_nm2_raw",
     "volume_nm3_mesh_raw",
     "mesh_faces",
+    "mesh_degenerate",
 ]
 
 # Columns summarised over the objects that do not touch the border.
@@ -251,18 +252,22 @@ def measure_object(
     """One table row for ``obj`` (``morphology.ObjectInfo``) from its framed crop ``mask``.
 
     ``mesh`` is its closed (smoothed) surface, used for ``volume_nm3_mesh`` and
-    ``surface_area_nm2``; ``raw`` the unsmoothed marching-cubes volume and area.
+    ``surface_area_nm2``; ``raw`` the unsmoothed marching-cubes volume and area, and
+    ``raw["degenerate"]`` (``meshes.object_surface``): the object is too small or too thin for its
+    mesh to measure it, so the mesh columns are NaN and ``mesh_degenerate`` is true.
     """
     spacing = tuple(float(s) for s in spacing)
     m = moments(mask, spacing, origin)
     xs = cross_sections(mask, spacing, connectivity)
     voxel_volume = float(np.prod(spacing))
-    has_mesh = mesh is not None and len(mesh.faces) > 0
-    mesh_volume, area = (
-        volume_area(np.asarray(mesh.vertices), np.asarray(mesh.faces)) if has_mesh else (math.nan,) * 2
-    )
-    sv = area / mesh_volume * 1000.0 if has_mesh and mesh_volume > 0 else math.nan  # 1/nm -> 1/um
     raw = raw or {}
+    degenerate = bool(raw.get("degenerate", False))
+    has_mesh = mesh is not None and len(mesh.faces) > 0
+    measured = has_mesh and not degenerate
+    mesh_volume, area = (
+        volume_area(np.asarray(mesh.vertices), np.asarray(mesh.faces)) if measured else (math.nan,) * 2
+    )
+    sv = area / mesh_volume * 1000.0 if measured and mesh_volume > 0 else math.nan  # 1/nm -> 1/um
     row = {
         "id": int(obj.label),
         "voxel_count": int(m["voxel_count"]),
@@ -295,6 +300,7 @@ def measure_object(
             "surface_area_nm2_raw": raw.get("area", math.nan),
             "volume_nm3_mesh_raw": raw.get("volume", math.nan),
             "mesh_faces": int(len(mesh.faces)) if has_mesh else 0,
+            "mesh_degenerate": degenerate,
         }
     )
     return {k: row[k] for k in COLUMNS}

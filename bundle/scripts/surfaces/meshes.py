@@ -38,6 +38,9 @@ MESH_FORMATS = ("ply", "stl", "obj", "glb")
 MC_SLAB = 128  # z slices per marching-cubes call; bounds the float32 temporary for large objects
 TAUBIN_LAMBDA = 0.5
 TAUBIN_MU = 0.53  # Taubin's pass-band k = 1/lambda - 1/mu = 0.113
+# Below these fractions an object is too small or too thin for a surface (see object_surface).
+MIN_MC_FILL = 0.5  # marching-cubes volume / voxel volume
+MIN_SMOOTH_KEEP = 0.1  # smoothed volume / marching-cubes volume
 
 
 def mask_surface(
@@ -143,7 +146,7 @@ def taubin(
 
 
 def restore_volume(
-    vertices: np.ndarray, faces: np.ndarray, target_volume: float, steps: int = 3
+    vertices: np.ndarray, faces: np.ndarray, target_volume: float, steps: int = 8
 ) -> np.ndarray:
     """Move every vertex along its normal by the same distance so the enclosed volume is the target.
 
@@ -193,16 +196,36 @@ def object_surface(
 ) -> tuple[trimesh.Trimesh, dict]:
     """Surface of one object (framed crop, see :func:`mask_surface`), smoothed.
 
-    Returns the mesh and ``{"volume": ..., "area": ...}`` of the raw (unsmoothed) marching-cubes
-    mesh in nm^3 and nm^2.
+    Returns the mesh and ``{"volume", "area"}`` of the raw (unsmoothed) marching-cubes mesh in nm^3
+    and nm^2, with ``"degenerate"``: True when the object is too small or too thin for a surface to
+    measure it. Then the mesh returned is the raw marching-cubes one, unsmoothed. Two cases:
+
+    - marching cubes encloses less than ``MIN_MC_FILL`` of the voxel volume: the surface is all cut
+      corners (a single voxel is an octahedron of 1/6 its volume; filaments one voxel across, voxels
+      touching only at edges or corners);
+    - Taubin smoothing keeps less than ``MIN_SMOOTH_KEEP`` of the marching-cubes volume. An object
+      one or two voxels across has no shape below the filter's pass-band, so every pass shrinks it
+      (by (1 - lambda)(1 + mu) = 0.77 in size for a voxel): 25 passes leave a speck of 1e-9 of its
+      volume, and restoring the volume from there divides by that speck's area, which gave volumes
+      of 1e19 nm^3. Such a mesh is never restored.
     """
     mesh = mask_surface(mask, spacing_zyx, origin_zyx)
-    volume, area = volume_area(np.asarray(mesh.vertices), np.asarray(mesh.faces))
-    raw = {"volume": volume, "area": area}
-    target = None
-    if preserve_volume and smoothing_iterations > 0:
-        target = float(np.count_nonzero(mask)) * float(np.prod(spacing_zyx))
-    return smooth_mesh(mesh, smoothing_iterations, target), raw
+    vertices, faces = np.asarray(mesh.vertices), np.asarray(mesh.faces)
+    volume, area = volume_area(vertices, faces)
+    voxel_volume = float(np.count_nonzero(mask)) * float(np.prod(spacing_zyx))
+    raw = {"volume": volume, "area": area, "degenerate": volume < MIN_MC_FILL * voxel_volume}
+    if raw["degenerate"] or smoothing_iterations <= 0 or len(faces) == 0:
+        return mesh, raw
+    smoothed = taubin(vertices, faces, smoothing_iterations)
+    if volume_area(smoothed, faces)[0] < MIN_SMOOTH_KEEP * volume:
+        raw["degenerate"] = True
+        return mesh, raw
+    if preserve_volume:
+        smoothed = restore_volume(smoothed, faces, voxel_volume)
+        if not abs(volume_area(smoothed, faces)[0] - voxel_volume) <= 0.01 * voxel_volume:
+            raw["degenerate"] = True  # the offset did not converge: the smoothed shape is not the object's
+            return mesh, raw
+    return trimesh.Trimesh(vertices=smoothed, faces=faces, process=False), raw
 
 
 def _rgba(color) -> np.ndarray:

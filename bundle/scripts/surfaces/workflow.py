@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from scripts.io.atomic import output_folder
 from scripts.io.volume import (
     MRC_SUFFIXES,
     SliceWriter,
@@ -246,7 +247,7 @@ def run(
     if not masks:
         raise VolumeError(f"{dataset_dir}: no volume matches the pattern {pattern!r}")
     images = find_volumes(image_dir) if image_dir is not None else []
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = output_folder(output_dir)
     names: dict[str, int] = {}
     results, rows, failed = [], [], []
     for path in masks:

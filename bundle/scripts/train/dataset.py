@@ -1,7 +1,7 @@
 """Training data layout: ``D/images``, ``D/labels`` (+ optional ``NAME.slices.txt``), ``D/unlabeled``.
 
-Label convention (docs/data.md): 0 = background, any other value = membrane, except 255 = not
-annotated. An all-255 slice is unannotated and never used.
+Label convention (docs/data.md, checked by ``scripts.io.labels``): membrane = 1, not annotated = 255,
+background = 0; other values are refused naming the file. An all-255 slice is unannotated and never used.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from typing import TypeVar
 
 import numpy as np
 
+from scripts.io.labels import scan_labels
 from scripts.io.volume import (
     VolumeError,
     find_volumes,
-    iter_slabs,
     open_volume,
     volume_stem,
 )
 from scripts.options import parse_slice_ranges
-from scripts.train.labels import IGNORE_VALUE
 
 __all__ = [
     "LabeledVolume",
@@ -62,15 +61,15 @@ def read_slice_list(path: str | os.PathLike, n_slices: int) -> list[int]:
     return sorted(found)
 
 
-def annotated_slices(label: np.ndarray, candidates: Sequence[int] | None = None) -> list[int]:
-    """Indices (of ``candidates``, default all) whose label slice is not entirely IGNORE_VALUE."""
-    if candidates is not None:
-        return [int(z) for z in candidates if np.any(label[z] != IGNORE_VALUE)]
-    keep: list[int] = []
-    for start, stop in iter_slabs(label.shape[0], label[0].nbytes):
-        any_annotated = (label[start:stop] != IGNORE_VALUE).any(axis=(1, 2))
-        keep.extend(int(start + i) for i in np.flatnonzero(any_annotated))
-    return keep
+def annotated_slices(
+    label: np.ndarray, candidates: Sequence[int] | None = None, path: str | os.PathLike = "label"
+) -> list[int]:
+    """Indices (of ``candidates``, default all) whose label slice is not entirely IGNORE_VALUE.
+
+    The slices read are checked (``scripts.io.labels``): a value other than 0, 1 and 255 raises a
+    LabelError naming ``path``, before any training starts.
+    """
+    return scan_labels(label, path, candidates).annotated
 
 
 def _scan(folder: Path) -> list[Path]:
@@ -140,7 +139,7 @@ def _labeled_volume(image_path: Path, label_path: Path) -> LabeledVolume:
         )
     sidecar = label_path.with_name(volume_stem(label_path) + SIDECAR_SUFFIX)
     candidates = read_slice_list(sidecar, label.shape[0]) if sidecar.is_file() else None
-    return LabeledVolume(image_path, label_path, annotated_slices(label.data, candidates))
+    return LabeledVolume(image_path, label_path, annotated_slices(label.data, candidates, label_path))
 
 
 def split_by_file(items: Sequence[T], fraction: float = 0.1, seed: int = 0) -> tuple[list[T], list[T]]:

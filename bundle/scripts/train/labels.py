@@ -1,25 +1,28 @@
-"""What the values of a label volume mean (docs/data.md): 0 background, 255 not annotated, any
-other value membrane; and the (target, mask) pair a training slice becomes.
+"""The (target, mask) pair a training slice's label becomes.
 
-Its own module because both the folder layout (``dataset``) and the slice loader (``slices``) need
-the convention, and neither should import the other for it.
+The convention itself (membrane 1, not annotated 255, background 0) and its checks live in
+``scripts.io.labels``, shared with the MONAI Label app; this module only maps checked labels to what
+the loss takes, so the slice loader (``slices``) needs nothing from the folder layout (``dataset``).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-__all__ = ["IGNORE_VALUE", "label_to_target"]
+from scripts.io.labels import IGNORE_VALUE, MEMBRANE, canonical_labels
 
-IGNORE_VALUE = 255
+__all__ = ["label_to_target"]
 
 
-def label_to_target(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(target, mask) for a uint8 label slice: membrane (any value but 0 and 255) -> +1,
-    background 0 -> -1, not annotated 255 -> target -1 with mask 0. Both float32, same shape."""
-    raw = np.asarray(raw)
-    if raw.dtype == np.int8:  # MRC mode 0 written without the IMOD unsigned flag: 255 reads as -1
-        raw = raw.view(np.uint8)
+def label_to_target(
+    raw: np.ndarray, path: str | os.PathLike = "label", z: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(target, mask) for label slice ``z`` of ``path``: membrane 1 -> +1, background 0 -> -1, not
+    annotated 255 -> target -1 with mask 0. Both float32, same shape. Other values raise a LabelError
+    (``scripts.io.labels``) naming the file and the slice."""
+    raw = canonical_labels(raw, path, z)
     mask = raw != IGNORE_VALUE
-    target = np.where(mask & (raw != 0), 1.0, -1.0).astype(np.float32)
+    target = np.where(raw == MEMBRANE, 1.0, -1.0).astype(np.float32)
     return target, mask.astype(np.float32)

@@ -87,7 +87,7 @@ class LoadSliced(MapTransform):
             if not 0 <= z < volume.shape[0]:
                 raise IndexError(f"{path}: slice z={z} outside 0..{volume.shape[0] - 1}")
             if key in self.label_keys:
-                target, mask = label_to_target(volume.data[z])
+                target, mask = label_to_target(volume.data[z], path, z)
                 d[key] = torch.from_numpy(target[None])
                 d[self.mask_key] = torch.from_numpy(mask[None])
             else:
