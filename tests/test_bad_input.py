@@ -18,11 +18,9 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO
 from scripts.io.volume import write_volume
-from scripts.network.double_decoder import DoubleDecoderNet
 
 CONFIGS = REPO / "bundle" / "configs"
 MARKER_ENV = "CRYOSXT_TEST_MARKER"
@@ -78,14 +76,6 @@ class _Marker:
 
     def __reduce__(self):
         return (os.system, (f'touch "${MARKER_ENV}"',))
-
-
-@pytest.fixture
-def weights(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "w4.pt"
-    torch.save(DoubleDecoderNet(width=4).state_dict(), path)
-    return path
 
 
 @pytest.fixture

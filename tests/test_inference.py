@@ -12,10 +12,8 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from conftest import REPO
-from scripts.network.double_decoder import DoubleDecoderNet
 
 CONFIG = REPO / "bundle" / "configs" / "inference.json"
 
@@ -24,14 +22,6 @@ def _write_mrc(path: Path, data: np.ndarray, voxel_angstrom: float = 98.0) -> No
     with mrcfile.new(path) as mrc:
         mrc.set_data(data)
         mrc.voxel_size = voxel_angstrom
-
-
-@pytest.fixture
-def weights(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "w4.pt"
-    torch.save(DoubleDecoderNet(width=4).state_dict(), path)
-    return path
 
 
 def _run(tomograms: Path, out: Path, weights: Path, *extra: str, cwd: Path = REPO, wait: bool = True):
