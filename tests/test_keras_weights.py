@@ -101,7 +101,7 @@ def test_cli_writes_a_loadable_state_dict(fixtures_dir, tmp_path):
     reference = load_keras_weights(DoubleDecoderNet(width=8), fixtures_dir / "deep_sxt_mf8.h5")
     expected = reference.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in net.state_dict().items())
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]  # + metadata sidecar
 
 
 def test_cli_reports_wrong_width(fixtures_dir, tmp_path):

@@ -191,11 +191,12 @@ def test_load_sliced_refuses_a_label_slice_with_other_values(tmp_path: Path):
         LoadSliced()(item)
 
 
-def _parser(**overrides):
+def _parser(reference: bool = False, **overrides):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
+    extra = [str(CONFIGS / "reference_recipe.json")] if reference else []
+    parser.read_config([str(CONFIGS / "train.json"), *extra])
     parser.update(overrides)
     return parser
 
@@ -207,7 +208,8 @@ def test_augmentation_moves_image_label_and_mask_together(tmp_path: Path):
     label[:, :5] = 255  # unannotated rows must follow the geometry too
     write_volume(tmp_path / "i.mrc", image, 10.0)
     write_volume(tmp_path / "l.mrc", label, 10.0)
-    transform = _parser(patch_size=48).get_parsed_content("train#preprocessing")
+    # the reference recipe's geometry (the robust recipe's own tests are in test_augment.py)
+    transform = _parser(reference=True, patch_size=48).get_parsed_content("train#preprocessing")
     transform.set_random_state(seed=1)
     for _ in range(8):
         d = transform({"image": str(tmp_path / "i.mrc"), "label": str(tmp_path / "l.mrc"), "z": 1})
@@ -223,8 +225,8 @@ def test_augmentation_moves_image_label_and_mask_together(tmp_path: Path):
 def test_rotation_k_is_uniform_over_four_values():
     from monai.transforms import RandRotate90d
 
-    rot = _parser().get_parsed_content("train#preprocessing").transforms[4]
-    assert isinstance(rot, RandRotate90d)
+    transforms = _parser().get_parsed_content("train#preprocessing").transforms
+    (rot,) = [t for t in transforms if isinstance(t, RandRotate90d)]
     rot.set_random_state(seed=0)
     counts = np.zeros(4)
     for _ in range(4000):

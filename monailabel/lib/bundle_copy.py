@@ -75,6 +75,13 @@ def prepare_working_bundle(source: str | Path, model_root: str | Path, reset_wei
         target = models / weights.name
         if reset_weights or not target.exists():
             shutil.copy2(weights, target)
+            # The weights' metadata sidecar (the voxel size they were trained at) goes with them; its
+            # name is scripts.io.weights_metadata.metadata_path's (the bundle is not imported here).
+            sidecar, target_sidecar = (p.with_name(p.name + ".json") for p in (weights, target))
+            if sidecar.is_file():
+                shutil.copy2(sidecar, target_sidecar)
+            else:
+                target_sidecar.unlink(missing_ok=True)
             logger.info("copied weights %s -> %s", weights, target)
     if not (models / "model.pt").exists():
         logger.warning("%s has no models/model.pt: inference is unavailable until a model is trained "

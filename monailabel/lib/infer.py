@@ -48,6 +48,7 @@ class TomogramSegmentation(BasicInferTask):
     """Segment the membranes of a tomogram (MRC, TIFF stack or NIfTI) with the bundle's network.
 
     Request options (also listed in /info, so 3D Slicer shows them): ``tta`` (8-fold flips/rotations),
+    ``tta_polarity`` (also average over the negated slice, for either contrast),
     ``threshold`` (tanh cut, 0 in the paper), ``batch_size`` (slices per forward pass),
     ``slice_range`` (``[z0, z1)`` to segment, e.g. "10-40"; empty: all; other slices stay 0),
     ``probability`` (return the membrane probability instead of the mask: "uint8" 0-255 or
@@ -83,6 +84,7 @@ class TomogramSegmentation(BasicInferTask):
             output_label_key=key_pred,
             config={
                 "tta": bool(raw.get("tta", False)),
+                "tta_polarity": bool(raw.get("tta_polarity", False)),
                 "threshold": float(raw.get("threshold", 0.0)),
                 "batch_size": int(raw.get("batch_size", 2)),
                 "slice_range": "",
@@ -137,13 +139,19 @@ class TomogramSegmentation(BasicInferTask):
         except OptionError as err:
             raise HTTPException(status_code=422, detail=str(err)) from None
 
-    def _predictor(self, device: str, weights: Path, tta: bool) -> Any:
-        """The bundle's SlicePredictor, cached until the weights file changes (a retrain replaces it)."""
-        key = (device, str(weights), weights.stat().st_mtime_ns, tta)
+    def _predictor(self, device: str, weights: Path, tta: bool, tta_polarity: bool = False) -> Any:
+        """The bundle's SlicePredictor, cached until the weights file or its metadata sidecar (the
+        voxel size it was trained at) changes: a retrain replaces both."""
+        from scripts.io.weights_metadata import metadata_path
+
+        sidecar = metadata_path(weights)
+        stamp = sidecar.stat().st_mtime_ns if sidecar.is_file() else None
+        key = (device, str(weights), weights.stat().st_mtime_ns, stamp, tta, tta_polarity)
         with self._lock:
             if self._cached is None or self._cached[0] != key:
                 # inference.json reads the network width from the weights file itself.
-                overrides: dict[str, Any] = {"weights": str(weights), "device": device, "tta": tta}
+                overrides: dict[str, Any] = {"weights": str(weights), "device": device, "tta": tta,
+                                             "tta_polarity": tta_polarity}
                 predictor = self._parser(**overrides).get_parsed_content("predictor")
                 logger.info("loaded %s on %s", weights, device)
                 self._cached = (key, predictor)
@@ -182,12 +190,15 @@ class TomogramSegmentation(BasicInferTask):
 
         options = self._segmentation_options(data)
         tta, threshold = options.get("tta", False), options.get("threshold", 0.0)
+        tta_polarity = options.get("tta_polarity", False)
         batch, probability = options.get("batch_size", 2), options.get("probability")
         try:
             z0, z1 = slice_bounds(options.get("slice_range"), volume.shape[0], volume.path)
         except ValueError as err:
             raise HTTPException(status_code=400, detail=str(err)) from None
-        predictor = self._predictor(str(device), weights, tta)
+        predictor = self._predictor(str(device), weights, tta, tta_polarity)
+        # The study's voxel size against the weights': slices resampled when they differ by > 10 %.
+        match = predictor.voxel_match(volume.voxel_size_nm, volume.path.name)
         post = self._parser(threshold=threshold).get_parsed_content("postprocessing")
 
         # The bundle's slice-segmentation core, as the folder segmenter runs it, into memory.
@@ -197,7 +208,7 @@ class TomogramSegmentation(BasicInferTask):
         if prob is not None:
             sinks["prob"] = [ArraySink(prob)]
         segment_volume(volume.data, predictor, post, sinks, (z0, z1), batch_size=batch,
-                       probability=probability)
+                       probability=probability, voxel_match=match)
         if post.needs_volume:
             mask = post.volume(mask)
         mask *= MASK_VALUE
@@ -210,6 +221,8 @@ class TomogramSegmentation(BasicInferTask):
             "membrane_voxels": int(np.count_nonzero(mask)),
             "weights": weights.name,
             "tta": tta,
+            "tta_polarity": tta_polarity,
+            "voxel_matching": match.summary(),
             "threshold": threshold,
         }
         return data

@@ -225,6 +225,7 @@ def device_choices(gpu_names: Sequence[str], cuda_count: int) -> tuple[str, ...]
 # its request, where MONAI Label has filled in the defaults /info lists).
 SEGMENTATION_OPTIONS: dict[str, Spec] = {
     "tta": Bool(),
+    "tta_polarity": Bool(),  # also average over the negated slice: either contrast, one mask
     "threshold": Float(-1.0, 1.0),  # the network's output is a tanh
     "batch_size": Int(1, 256),
     "slice_range": SliceRange(),

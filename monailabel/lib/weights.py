@@ -4,7 +4,9 @@ Loaded with ``weights_only=True`` only: a checkpoint is data, and a pickle that 
 Python callables is refused rather than run. The bundle's ``last.pt`` holds state dicts (tensors,
 numbers, strings, lists and tuples), which the restricted loader reads. The reading is the bundle's
 own (``scripts.network.weights.read_state_dict``, the one reader of weights files); this module adds
-what publishing needs on top. No MONAI Label import, so the project's tests exercise it directly.
+what publishing needs on top: the metadata sidecar (``NAME.pt.json``: the voxel size the weights were
+trained at, which inference resamples to) goes along with the weights. No MONAI Label import, so the
+project's tests exercise it directly.
 """
 
 from __future__ import annotations
@@ -37,15 +39,23 @@ def network_state(path: Path) -> Mapping[str, Any]:
 
 
 def publish_weights(run_dir: Path, target: Path) -> Path:
-    """Copy the run's best model (else its last epoch) to ``target`` as a plain state dict; return
-    the source. ``target`` is replaced atomically or left as it was."""
+    """Copy the run's best model (else its last epoch) to ``target`` as a plain state dict, and its
+    metadata sidecar to ``target``'s; return the source. ``target`` is replaced atomically or left
+    as it was."""
     import torch
+
+    from scripts.io.weights_metadata import MetadataError, metadata_path, read_metadata, write_metadata
 
     best, last = run_dir / "model.pt", run_dir / "last.pt"
     source = best if best.is_file() else last if last.is_file() else None
     if source is None:
         raise PublishError(f"training wrote no checkpoint in {run_dir} (model.pt or last.pt)")
     state = network_state(source)
+    try:
+        metadata = read_metadata(source)
+    except MetadataError as err:  # the weights matter more: published without what they were trained on
+        logger.warning("%s; %s is published without metadata", err, source.name)
+        metadata = None
     target.parent.mkdir(parents=True, exist_ok=True)
     # Not atomic_output: its temporary name ends in .pt and would be listed among models/*.pt.
     tmp = target.with_name(f".{target.name}.partial")
@@ -54,5 +64,11 @@ def publish_weights(run_dir: Path, target: Path) -> Path:
         os.replace(tmp, target)  # the inference task sees a complete file or the old one
     finally:
         tmp.unlink(missing_ok=True)
+    # Re-written for the new file's SHA-256; a stale sidecar of the old weights must not stay behind
+    # (it would be ignored, its SHA-256 differs, but it would mislead a reader).
+    if metadata is not None:
+        write_metadata(target, metadata)
+    else:
+        metadata_path(target).unlink(missing_ok=True)
     logger.info("published %s -> %s", source, target)
     return source

@@ -1,5 +1,9 @@
 """Slice-wise prediction: standardise a batch of z slices, run the network through an inferer, TTA.
 
+Two options make a prediction independent of how the microscope showed the cell: ``tta_polarity``
+(average over the slice and its negative, so inverted contrast gives the same mask) and voxel-size
+matching (slices resampled to the weights' voxel size, ``scripts.infer.resample``).
+
 Speed (docs/performance.md): the network runs as an inference-only fused copy (BatchNorm folded into
 the convs, linear convs merged, ReLUs in the conv) in channels_last layout, optionally compiled with
 ``torch.compile``. The fused copy gives the eager network's outputs to float32 rounding.
@@ -20,9 +24,10 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import NormalizeIntensity
 from torch import nn
 
+from scripts.infer.resample import VoxelMatch, match_voxel_size, resample_slices, resampled_size
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
-from scripts.options import as_bool
+from scripts.options import as_bool, as_optional
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,11 @@ class SlicePredictor:
             shape from ``max_window`` so that a slice that fits is one window.
         max_window: largest window (pixels per axis) run in one pass.
         tta: average the 8 rot90/flip variants.
+        tta_polarity: also run every variant on the negated (standardised) slice and average, with
+            the reconstruction negated back: a slice and its negative give identical labels.
+        weights_voxel_size_nm: the voxel size the weights were trained at (None: unknown).
+        match_voxel_size: resample slices whose voxel size differs from it by more than 10 %
+            (:meth:`voxel_match` decides per tomogram, :meth:`predict` takes the scale).
         device: where the network runs.
         amp: autocast to bfloat16 (CPU) / float16 (CUDA); float32 when False.
         channels_last: run in channels_last (NHWC) memory format, oneDNN's and cuDNN's fast layout.
@@ -83,6 +93,8 @@ class SlicePredictor:
 
     ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
     :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.
+    ``predict(slices, scale)`` runs the network on the slices resampled by ``scale`` (y, x) and
+    returns outputs on the input's grid.
     """
 
     def __init__(
@@ -91,6 +103,9 @@ class SlicePredictor:
         inferer: Inferer | None = None,
         max_window: Sequence[int] | int = 2048,
         tta: bool = False,
+        tta_polarity: bool = False,
+        weights_voxel_size_nm: float | None = None,
+        match_voxel_size: bool = False,
         device: str | torch.device = "cpu",
         amp: bool = False,
         channels_last: bool = True,
@@ -105,6 +120,11 @@ class SlicePredictor:
         )
         self.max_window = max_window
         self.tta = as_bool(tta, "tta")
+        self.tta_polarity = as_bool(tta_polarity, "tta_polarity")
+        voxel = as_optional(weights_voxel_size_nm)
+        self.weights_voxel_size_nm = float(voxel) if voxel is not None else None
+        self.match_voxel_size = as_bool(match_voxel_size, "match_voxel_size")
+        self._warned: set[str] = set()
         self.amp = as_bool(amp, "amp")
         self.channels_last = as_bool(channels_last, "channels_last")
         self.fuse = as_bool(fuse, "fuse")
@@ -152,24 +172,61 @@ class SlicePredictor:
             return out[0], out[1]
         return out, None
 
+    def voxel_match(self, voxel_size_nm: Sequence[float] | None, name: object = "tomogram") -> VoxelMatch:
+        """Whether and how much to resample a tomogram of ``voxel_size_nm`` ((z, y, x), None: unknown)
+        for these weights; logs the decision (an unknown voxel size once per predictor)."""
+        match = match_voxel_size(voxel_size_nm, self.weights_voxel_size_nm, self.match_voxel_size)
+        if match.resampled:
+            logger.info("%s: %s nm voxels, weights trained at %g nm: slices resampled x%.3g, x%.3g in plane",
+                        name, "x".join(f"{v:g}" for v in match.tomogram_voxel_size_nm),
+                        match.weights_voxel_size_nm, *match.scale)
+        elif match.enabled and match.reason not in self._warned and not match.reason.startswith("within"):
+            self._warned.add(match.reason)  # a folder of headerless tomograms: said once, not per file
+            logger.warning("%s: slices not resampled: %s", name, match.reason)
+        return match
+
     @torch.inference_mode()
-    def predict(self, slices: np.ndarray | torch.Tensor) -> SlicePrediction:
+    def predict(
+        self, slices: np.ndarray | torch.Tensor, scale: Sequence[float] | None = None
+    ) -> SlicePrediction:
         # A private float32 copy: the slices may be a read-only memory map of the user's tomogram.
-        batch = torch.as_tensor(self.normalize(torch.tensor(np.asarray(slices), dtype=torch.float32)))
+        batch = torch.tensor(np.asarray(slices), dtype=torch.float32)
+        if scale is None:
+            return self._predict(batch)
+        size = tuple(batch.shape[-2:])
+        out = self._predict(resample_slices(batch, resampled_size(size, scale)))
+        back = [None if t is None else resample_slices(t, size) for t in (out.label, out.image, out.variance)]
+        return SlicePrediction(*back)
+
+    def _predict(self, slices: torch.Tensor) -> SlicePrediction:
+        batch = torch.as_tensor(self.normalize(slices))
         batch = batch.unsqueeze(1).to(self.device)  # (B, 1, H, W)
         variants = DIHEDRAL if self.tta else DIHEDRAL[:1]
-        labels, images = [], []
+        # -x after standardisation: exactly the standardised negative of the raw slice.
+        signs = (1.0, -1.0) if self.tta_polarity else (1.0,)
+        labels, images, raw = [], [], []
         autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp)
         with self._lock, autocast:
             for k, flip in variants:
-                label, image = self._forward(_dihedral(batch, k, flip))
-                labels.append(_dihedral_inverse(label.float(), k, flip))
-                if image is not None:
-                    images.append(_dihedral_inverse(image.float(), k, flip))
-        stacked = torch.stack(labels)
-        variance = stacked.var(dim=0, unbiased=False)[:, 0].cpu() if self.tta else None
+                pair_labels, pair_images = [], []
+                for sign in signs:
+                    label, image = self._forward(_dihedral(batch if sign > 0 else -batch, k, flip))
+                    pair_labels.append(_dihedral_inverse(label.float(), k, flip))
+                    if image is not None:  # the image decoder reconstructs -x: negated back
+                        pair_images.append(sign * _dihedral_inverse(image.float(), k, flip))
+                raw.extend(pair_labels)
+                labels.append(_pair_mean(pair_labels))
+                if pair_images:
+                    images.append(_pair_mean(pair_images))
+        label = torch.stack(labels).mean(dim=0)[:, 0].cpu()
+        variance = torch.stack(raw).var(dim=0, unbiased=False)[:, 0].cpu() if self.tta else None
         image = torch.stack(images).mean(dim=0)[:, 0].cpu() if images else None
-        return SlicePrediction(label=stacked.mean(dim=0)[:, 0].cpu(), image=image, variance=variance)
+        return SlicePrediction(label=label, image=image, variance=variance)
+
+
+def _pair_mean(pair: list[torch.Tensor]) -> torch.Tensor:
+    # a + b == b + a in floating point, so a slice and its negative give bit-identical labels.
+    return pair[0] if len(pair) == 1 else (pair[0] + pair[1]) / 2
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:

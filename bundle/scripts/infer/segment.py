@@ -1,9 +1,10 @@
 """The slice-segmentation core: a volume's slices -> network -> per-slice post-processing -> sinks.
 
 Both the folder segmenter (``scripts.infer.workflow``) and MONAI Label's infer task call
-:func:`segment_volume`, so they share batching, the slice range, TTA variance, probability maps and
-the release of memory-mapped pages. Whole-volume post-processing (removing small 3D objects) needs
-the whole mask and is left to the caller, which owns the mask's storage.
+:func:`segment_volume`, so they share batching, the slice range, TTA variance, probability maps,
+the release of memory-mapped pages and voxel-size matching (each batch resampled to the weights'
+voxel size and back, ``scripts.infer.resample``). Whole-volume post-processing (removing small 3D
+objects) needs the whole mask and is left to the caller, which owns the mask's storage.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePrediction, SlicePredictor
+from scripts.infer.resample import VoxelMatch
 from scripts.io.pages import release_pages, trim_heap
 from scripts.io.sinks import Sink
 from scripts.io.volume import VolumeError
@@ -71,6 +73,7 @@ def segment_volume(
     batch_size: int = 2,
     probability: str | None = "uint8",
     progress: str | None = None,
+    voxel_match: VoxelMatch | None = None,
 ) -> int:
     """Segment slices ``[z0, z1)`` of a (z, y, x) ``volume`` and write every output kind to its sinks.
 
@@ -86,6 +89,9 @@ def segment_volume(
         batch_size: slices per forward pass.
         probability: dtype of "prob": "uint8" (0-255) or "float16" (0-1).
         progress: a name for a progress bar; None: no bar.
+        voxel_match: ``predictor.voxel_match(volume's voxel size)``; when it says ``resampled``, each
+            batch runs at the weights' voxel size and its outputs come back on the volume's grid.
+            None: slices as they are.
 
     Returns:
         The foreground voxel count of the mask written (before any whole-volume clean-up).
@@ -96,11 +102,12 @@ def segment_volume(
     batch_size = max(1, int(batch_size))
     todo = max(0, min(z1, stop_z) - max(z0, start_z))
     bar = tqdm(total=todo, desc=progress, unit="slice", disable=progress is None, leave=False)
+    scale = voxel_match.scale if voxel_match is not None and voxel_match.resampled else None
     foreground = 0
     for start, stop in _blocks(start_z, stop_z, batch_size, z0, z1):
         shape = (stop - start, *volume.shape[1:])
         if start >= z0 and stop <= z1:
-            prediction = predictor.predict(np.asarray(volume[start:stop]))
+            prediction = predictor.predict(np.asarray(volume[start:stop]), scale)
             release_pages(volume[start:stop])
             trim_heap()
             mask = postprocessing.slices(prediction.label.numpy())

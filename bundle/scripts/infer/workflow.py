@@ -18,6 +18,7 @@ import numpy as np
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePredictor
 from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
+from scripts.infer.resample import VoxelMatch
 from scripts.infer.segment import KINDS, output_dtype, segment_volume, slice_bounds
 from scripts.io.atomic import PARTIAL_MARKER, atomic_output, output_folder
 from scripts.io.diskspace import check_free_space, new_memmap
@@ -67,7 +68,8 @@ class TomogramSegmenter:
         reconstruction: also save the image decoder's output.
         batch_size: slices per forward pass.
         slice_range: ``[z0, z1)`` to segment; other slices stay 0 so outputs align with the input.
-        voxel_size_nm: overrides the header voxel size (float or (z, y, x)).
+        voxel_size_nm: overrides the header voxel size (float or (z, y, x)); also the voxel size that
+            the predictor's voxel-size matching compares with the weights'.
         overwrite: segment again even when outputs are complete.
         weights: name of the weights file, recorded in the summaries.
         distribute: under torchrun, "tomograms" gives each rank whole tomograms, "slices" has all
@@ -168,12 +170,13 @@ class TomogramSegmenter:
         """
         start = time.perf_counter()
         volume = _open_on_all_ranks(path, self.voxel_size_nm, world)
+        match = self.predictor.voxel_match(volume.voxel_size_nm, volume.path.name)
         stem = volume_stem(volume.path)
         depth = volume.data.shape[0]
         z0, z1 = slice_bounds(self.slice_range, depth, volume.path)
         outputs = self._outputs(stem)
         if world > 1:
-            foreground = self._segment_shared(volume, stem, outputs, (z0, z1), rank, world)
+            foreground = self._segment_shared(volume, stem, outputs, (z0, z1), rank, world, match)
             if rank != 0:
                 return None
         else:
@@ -188,7 +191,7 @@ class TomogramSegmenter:
                 staged = self._staging(stack, volume, stem) if self.post.needs_volume else None
                 if staged is not None:
                     writers["mask"] = [ArraySink(staged)]
-                foreground = self._segment_range(volume, writers, (z0, z1), (0, depth))
+                foreground = self._segment_range(volume, writers, (z0, z1), (0, depth), match)
                 if staged is not None:
                     self.post.volume(staged)
                     foreground = self._copy_staged(staged, outputs["mask"], volume, "mask", stack)
@@ -205,6 +208,8 @@ class TomogramSegmenter:
             "device": str(self.predictor.device),
             "ranks": world,
             "tta": self.predictor.tta,
+            "tta_polarity": self.predictor.tta_polarity,
+            "voxel_matching": match.summary(),
             "postprocessing": {
                 "erosion_iterations": self.post.erosion_iterations,
                 "border_crop": self.post.border_crop,
@@ -217,7 +222,8 @@ class TomogramSegmenter:
         return summary
 
     def _segment_shared(
-        self, volume: Volume, stem: str, outputs: dict, z_range: tuple[int, int], rank: int, world: int
+        self, volume: Volume, stem: str, outputs: dict, z_range: tuple[int, int], rank: int, world: int,
+        match: VoxelMatch | None = None,
     ) -> int:
         """All ranks predict their part of ``z_range`` into shared raw files; rank 0 writes the outputs.
 
@@ -243,7 +249,7 @@ class TomogramSegmenter:
                     staged[kind] = np.memmap(raw, dtype=self._dtype(kind), mode="r+", shape=shape)
                 writers = {kind: [ArraySink(array)] for kind, array in staged.items()}
                 part = share_range(*z_range, rank, world, multiple=self.batch_size)
-                self._segment_range(volume, writers, z_range, part)
+                self._segment_range(volume, writers, z_range, part, match)
 
             _on_all_ranks(create_raw_files, volume.path)
             _on_all_ranks(predict_my_part, volume.path)
@@ -274,13 +280,14 @@ class TomogramSegmenter:
         return new_memmap(raw, np.uint8, volume.data.shape, f"the staged mask of {volume.path.name}")
 
     def _segment_range(
-        self, volume: Volume, writers: dict, z_range: tuple[int, int], extent: tuple[int, int]
+        self, volume: Volume, writers: dict, z_range: tuple[int, int], extent: tuple[int, int],
+        match: VoxelMatch | None = None,
     ) -> int:
         """Segment ``z_range`` and write the slices of ``extent`` (zeros outside the range)."""
         return segment_volume(
             volume.data, self.predictor, self.post, writers, z_range, extent=extent,
             batch_size=self.batch_size, probability=self.probability,
-            progress=volume.path.name if self.progress else None,
+            progress=volume.path.name if self.progress else None, voxel_match=match,
         )  # fmt: skip
 
     def _copy_staged(

@@ -3,7 +3,10 @@
 The bundle reads two kinds: PyTorch state dicts it wrote itself (a plain state dict, or a MONAI
 checkpoint with a ``network`` entry, maybe with DDP's ``module.`` prefix) and the published Keras 2
 ``.h5`` file. Everything that needs the network's width asks :func:`weights_info` rather than
-trusting a config value, so a width-64 file loads without a matching ``--width``.
+trusting a config value, so a width-64 file loads without a matching ``--width``. What the weights
+were trained on (voxel size, recipe) comes from a JSON sidecar beside them
+(``scripts.io.weights_metadata``); Keras files without one are taken to be the published network
+(9.8 nm).
 
 CLI (from ``bundle/``): ``python -m scripts.network.weights IN.h5 OUT.pt [--width 64]`` converts the
 published Keras file to a state dict.
@@ -21,10 +24,26 @@ import h5py
 import torch
 
 from scripts.io.atomic import atomic_output
+from scripts.io.weights_metadata import (
+    PUBLISHED_RECIPE,
+    PUBLISHED_VOXEL_SIZE_NM,
+    MetadataError,
+    WeightsMetadata,
+    read_metadata,
+    write_metadata,
+)
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.keras import KerasWeightsError, keras_weight_names, load_keras_weights
 
-__all__ = ["WeightsError", "WeightsInfo", "convert", "load_weights", "read_state_dict", "weights_info"]
+__all__ = [
+    "WeightsError",
+    "WeightsInfo",
+    "convert",
+    "load_weights",
+    "read_state_dict",
+    "weights_info",
+    "weights_voxel_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +58,23 @@ class WeightsError(ValueError):
 
 @dataclass(frozen=True)
 class WeightsInfo:
-    """What a weights file says about the network it fits (more fields, e.g. a voxel size, may follow).
+    """What a weights file says about the network it fits and what it was trained on.
 
     Attributes:
         path: the file.
         format: "pytorch" or "keras".
         width: the network width (``DoubleDecoderNet(width=...)``).
+        voxel_size_nm: in-plane voxel size of the training tomograms; None when unknown.
+        recipe: the training recipe ("reference", "robust", "published"...); None when unknown.
+        trained_on: a free description of the training data; None when unknown.
     """
 
     path: Path
     format: str
     width: int
+    voxel_size_nm: float | None = None
+    recipe: str | None = None
+    trained_on: str | None = None
 
 
 def _existing(path: str | os.PathLike | None) -> Path:
@@ -89,14 +114,31 @@ def _keras_width(path: Path) -> int:
 
 
 def weights_info(path: str | os.PathLike) -> WeightsInfo:
-    """Format and network width of a weights file (``.h5``/``.hdf5``: Keras; anything else: PyTorch)."""
+    """Format, network width and training metadata of a weights file (``.h5``/``.hdf5``: Keras;
+    anything else: PyTorch). The metadata comes from the sidecar (``model.pt`` -> ``model.pt.json``)
+    when it matches the file; a Keras file without one is the published network (9.8 nm, recipe
+    "published")."""
     path = _existing(path)
     if path.suffix.lower() in KERAS_SUFFIXES:
-        return WeightsInfo(path, "keras", _keras_width(path))
-    state = read_state_dict(path)
-    if _WIDTH_KEY not in state:
-        raise WeightsError(f"{path}: not a DoubleDecoderNet state dict (no {_WIDTH_KEY})")
-    return WeightsInfo(path, "pytorch", int(state[_WIDTH_KEY].shape[0]))
+        fmt, width = "keras", _keras_width(path)
+    else:
+        state = read_state_dict(path)
+        if _WIDTH_KEY not in state:
+            raise WeightsError(f"{path}: not a DoubleDecoderNet state dict (no {_WIDTH_KEY})")
+        fmt, width = "pytorch", int(state[_WIDTH_KEY].shape[0])
+    try:
+        meta = read_metadata(path, width)
+    except MetadataError as err:
+        raise WeightsError(str(err)) from err
+    if meta is None and fmt == "keras":
+        meta = WeightsMetadata(voxel_size_nm=PUBLISHED_VOXEL_SIZE_NM, recipe=PUBLISHED_RECIPE)
+    meta = meta or WeightsMetadata()
+    return WeightsInfo(path, fmt, width, meta.voxel_size_nm, meta.recipe, meta.trained_on)
+
+
+def weights_voxel_size(path: str | os.PathLike | None) -> float | None:
+    """The voxel size (nm) the weights were trained at; None without weights or metadata."""
+    return None if path is None else weights_info(path).voxel_size_nm
 
 
 def load_weights(net: DoubleDecoderNet, path: str | os.PathLike | None) -> DoubleDecoderNet:
@@ -130,17 +172,22 @@ def load_weights(net: DoubleDecoderNet, path: str | os.PathLike | None) -> Doubl
 def convert(keras_file: str, output: str, width: int | None = None) -> str:
     """Convert a Keras weights file to a PyTorch state dict the bundle configs load.
 
+    The sidecar ``OUTPUT.json`` gets the Keras file's metadata: its own sidecar's, else the published
+    network's (9.8 nm, recipe "published").
+
     Args:
         keras_file: Keras 2 ``save_weights`` HDF5 file.
         output: ``.pt`` file to write (written to a temporary name, then renamed).
         width: network width; read from the file when omitted.
     """
-    if width is None:
-        width = weights_info(keras_file).width
+    info = weights_info(keras_file)
+    width = info.width if width is None else width
     net = load_keras_weights(DoubleDecoderNet(width=width), keras_file)
     with atomic_output(output) as tmp:
         torch.save(net.state_dict(), tmp)
-    print(f"wrote {output} (width {width}) from {keras_file}")
+    trained_on = info.trained_on or f"converted from {Path(keras_file).name}"
+    write_metadata(output, WeightsMetadata(width, info.voxel_size_nm, info.recipe, trained_on))
+    print(f"wrote {output} (width {width}, {info.voxel_size_nm} nm voxels) from {keras_file}")
     return output
 
 
