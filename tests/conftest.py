@@ -1,9 +1,27 @@
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
+
+
+def monailabel_module(name: str) -> Any:
+    """monailabel/lib/NAME.py, imported by path as a module of a package (its relative imports work):
+    the app's ``lib`` is not on the project's sys.path. Only modules that do not import MONAI Label."""
+    package = "cryosxt_monailabel_lib"
+    if package not in sys.modules:
+        lib = REPO / "monailabel" / "lib"
+        spec = importlib.util.spec_from_file_location(package, lib / "__init__.py",
+                                                      submodule_search_locations=[str(lib)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.{name}")
 
 
 @pytest.fixture

@@ -6,19 +6,17 @@ polarity invariance, the sidecar's life cycle), not segmentation quality.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import mrcfile
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, monailabel_module
 from scripts.infer.predict import SlicePredictor
 from scripts.infer.resample import match_voxel_size, resample_slices, resampled_size
 from scripts.io.volume import open_volume, write_volume
@@ -40,18 +38,6 @@ def _bundle(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _app_module(name: str) -> Any:
-    """monailabel/lib/NAME.py imported by path (the app's ``lib`` is not on sys.path); only modules
-    that do not import MONAI Label."""
-    package = "cryosxt_monailabel_lib"
-    if package not in sys.modules:
-        lib = REPO / "monailabel" / "lib"
-        spec = importlib.util.spec_from_file_location(package, lib / "__init__.py",
-                                                      submodule_search_locations=[str(lib)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
 
 
 def _smooth(shape: tuple[int, int]) -> torch.Tensor:
@@ -276,7 +262,7 @@ def test_training_writes_the_sidecar_and_publishing_carries_it(tmp_path: Path):
         assert "3 labeled and 1 unlabeled" in info.trained_on
         assert json.loads(metadata_path(run_dir / name).read_text())["dataset"] == "cells"
 
-    weights_module = _app_module("weights")
+    weights_module = monailabel_module("weights")
     target = tmp_path / "models" / "model.pt"
     assert weights_module.publish_weights(run_dir, target) == run_dir / "model.pt"
     assert weights_info(target).voxel_size_nm == 9.8  # re-hashed for the published copy
@@ -287,12 +273,12 @@ def test_training_writes_the_sidecar_and_publishing_carries_it(tmp_path: Path):
 
 
 def test_monailabel_accepts_tta_polarity_and_copies_the_sidecar(tmp_path: Path):
-    options = _app_module("request_options")
+    options = monailabel_module("request_options")
     typed = options.parse_options({"tta_polarity": "true"}, options.SEGMENTATION_OPTIONS)
     assert typed == {"tta_polarity": True}
     with pytest.raises(options.OptionError, match="tta_polarity"):
         options.parse_options({"tta_polarity": "$x"}, options.SEGMENTATION_OPTIONS)
-    bundle_copy = _app_module("bundle_copy")
+    bundle_copy = monailabel_module("bundle_copy")
     source = tmp_path / "bundle"
     for name, text in (("configs/metadata.json", '{"name": "demo"}'), ("configs/inference.json", "{}"),
                        ("scripts/__init__.py", ""), ("models/model.pt", "w"), ("models/model.pt.json", "{}")):

@@ -12,7 +12,6 @@ Everything is bounded: one overall budget, a deadline on every wait, and the ser
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import monailabel_module
 from scripts.io.volume import open_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[2]
@@ -386,7 +386,7 @@ def test_annotate_infer_train_round_trip(server: str, workspace: dict[str, Path]
     last = working / "runs" / "monailabel" / "last.pt"  # the bundle's own checkpoint
     assert last.is_file()
     # The publisher reads it with weights_only=True (when a run has no best model, it publishes this).
-    assert set(_app_module("weights").network_state(last)) == set(torch.load(
+    assert set(monailabel_module("weights").network_state(last)) == set(torch.load(
         working / "models" / "model.pt", map_location="cpu", weights_only=True))
     assert (working / "models" / "model.pt").stat().st_mtime >= started_at  # published over the old one
 
@@ -594,18 +594,6 @@ def test_cors_allows_loopback_origins_only(server: str) -> None:
 # ----------------------------------------------------------------------------- no server
 
 
-def _app_module(name: str) -> Any:
-    """monailabel/lib/NAME.py, imported by path as a package module (its relative imports work): the
-    app's `lib` is not on the project's sys.path. Modules that import MONAI Label are not for here."""
-    package = "cryosxt_monailabel_lib"
-    if package not in sys.modules:
-        lib = REPO / "monailabel" / "lib"
-        spec = importlib.util.spec_from_file_location(package, lib / "__init__.py",
-                                                      submodule_search_locations=[str(lib)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
 
 
 class FakeDatastore:
@@ -627,7 +615,7 @@ class FakeDatastore:
 
 def test_training_folder_marks_only_annotated_slices(tmp_path: Path) -> None:
     """The datastore -> bundle layout conversion, without a server (runs in the project env)."""
-    td = _app_module("training_data")
+    td = monailabel_module("training_data")
     image = np.random.default_rng(0).normal(size=(6, 16, 16)).astype(np.float32)
     slicer_label = np.zeros((6, 16, 16), np.uint8)
     slicer_label[[1, 4], 5:8, 5:8] = 1  # membrane drawn on slices 1 and 4 only
@@ -670,7 +658,7 @@ def test_training_folder_marks_only_annotated_slices(tmp_path: Path) -> None:
 
 def test_working_bundle_keeps_trained_weights(tmp_path: Path) -> None:
     """The app's copy of the bundle: code refreshed at every start, trained weights kept."""
-    bundle_copy = _app_module("bundle_copy")
+    bundle_copy = monailabel_module("bundle_copy")
 
     source = tmp_path / "bundle"
     for name, text in (("configs/metadata.json", '{"name": "demo"}'), ("configs/inference.json", "{}"),
@@ -698,7 +686,7 @@ def test_working_bundle_keeps_trained_weights(tmp_path: Path) -> None:
 
 def test_request_options_are_typed_values_or_refused() -> None:
     """Options become ints, floats, bools and chosen strings; anything else is refused by name."""
-    ro = _app_module("request_options")
+    ro = monailabel_module("request_options")
     schema = ro.train_options(["model.pt", "model_v2.pt"], ro.device_choices(["NVIDIA H200"], 1))
     typed = ro.parse_options({"max_epochs": "3", "learning_rate": "1e-3", "pretrained": "false", "seed": 7.0,
                               "semi_supervised": 1, "device": ["NVIDIA H200", "cpu"], "gpus": "0",
@@ -749,7 +737,7 @@ def test_request_options_are_typed_values_or_refused() -> None:
 
 
 def test_plain_names_and_paths_inside_their_folder(tmp_path: Path) -> None:
-    sp = _app_module("safe_paths")
+    sp = monailabel_module("safe_paths")
     for name in ("cell_a", "Cell-01.v2", "a" * 128, "0"):
         assert sp.check_plain_name(name, "id") == name
     for name in ("", ".", "..", ".hidden", "-x", "../x", "/abs/x", "a/b", "a\\b", "a b", "a" * 129, "é",
@@ -769,7 +757,7 @@ def test_plain_names_and_paths_inside_their_folder(tmp_path: Path) -> None:
 def test_training_folder_links_only_files_inside_the_studies(tmp_path: Path) -> None:
     """An absolute or ../ id, or a file resolving outside the datastore folder, is skipped with a
     reason (it made every retrain fail with SameFileError); the good study is still linked."""
-    td = _app_module("training_data")
+    td = monailabel_module("training_data")
     studies, out = tmp_path / "studies", tmp_path / "train"
     image = np.random.default_rng(0).normal(size=(4, 16, 16)).astype(np.float32)
     label = np.zeros((4, 16, 16), np.uint8)
@@ -812,7 +800,7 @@ def test_publish_loads_checkpoints_as_data_only(tmp_path: Path) -> None:
     from scripts.network.double_decoder import DoubleDecoderNet
     from scripts.train.workflow import LastCheckpoint
 
-    weights = _app_module("weights")
+    weights = monailabel_module("weights")
     live, marker = tmp_path / "live_marker", tmp_path / "marker"
     torch.save({"network": _WritesMarker(live)}, tmp_path / "probe.pt")
     torch.load(tmp_path / "probe.pt", weights_only=False)
@@ -853,7 +841,7 @@ def test_wrapped_errors_are_found(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError) as raised:
         parser.get_parsed_content("net")
     assert not isinstance(raised.value, WeightsError)
-    found = _app_module("errors").find_cause(raised.value, (WeightsError,))
+    found = monailabel_module("errors").find_cause(raised.value, (WeightsError,))
     assert isinstance(found, WeightsError) and str(missing) in str(found)
-    assert _app_module("errors").find_cause(ValueError("x"), (WeightsError,)) is None
+    assert monailabel_module("errors").find_cause(ValueError("x"), (WeightsError,)) is None
 
