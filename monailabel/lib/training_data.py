@@ -69,32 +69,38 @@ def scan_label(data: np.ndarray, path: str | os.PathLike = "label") -> tuple[boo
     return found.uses_ignore, found.membrane
 
 
-def open_label(path: str | os.PathLike) -> Any:
-    """A label volume whose values are checked (LabelError naming the file); labels often carry no
-    voxel size (the image's is what counts): no warning.
-
-    Checked here, on upload and when the training folder is built, whatever ``annotated_slices``
-    says: a multi-class label map is refused at once instead of failing a later retrain.
-    """
-    from scripts.io.labels import scan_labels
+def read_label(path: str | os.PathLike) -> Any:
+    """A label volume, not yet checked; labels often carry no voxel size (the image's is what
+    counts): no warning."""
     from scripts.io.volume import open_volume
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        label = open_volume(path, allow_2d=True, check_finite=False)
+        return open_volume(path, allow_2d=True, check_finite=False)
+
+
+def open_label(path: str | os.PathLike) -> Any:
+    """A label volume whose values are checked (LabelError naming the file).
+
+    Checked on upload and when the training folder is built, whatever ``annotated_slices`` says: a
+    multi-class label map is refused at once instead of failing a later retrain.
+    """
+    from scripts.io.labels import scan_labels
+
+    label = read_label(path)
     scan_labels(label.data, path)
     return label
 
 
-def annotated_slices_for(label: Any, info: dict[str, Any] | None) -> list[int] | None:
-    """Slices of an opened label to list in the sidecar, or None when the label itself says (255 or "all")."""
-    spec = parse_annotated_spec((info or {}).get(ANNOTATED_KEY), label.shape[0])
+def annotated_slices_for(scan: Any, info: dict[str, Any] | None, n_slices: int) -> list[int] | None:
+    """Slices to list in the sidecar, from a label's ``LabelScan``, or None when the label itself says
+    (255 or "all")."""
+    spec = parse_annotated_spec((info or {}).get(ANNOTATED_KEY), n_slices)
     if spec == "all":
         return None
     if isinstance(spec, list):
         return spec
-    uses_ignore, nonempty = scan_label(label.data)
-    return None if uses_ignore else nonempty
+    return None if scan.uses_ignore else scan.membrane
 
 
 def _link(target: Path, link: Path) -> None:
@@ -128,6 +134,7 @@ def build_training_folder(datastore: DatastoreView, root: str | os.PathLike,
     So are studies whose id cannot name a file in ``root`` (an absolute or ``../`` id) and files that
     resolve outside ``studies`` (the datastore folder): only files inside it are linked.
     """
+    from scripts.io.labels import scan_labels
     from scripts.io.volume import VolumeError, open_volume, volume_suffix
     from scripts.train.dataset import SIDECAR_SUFFIX
 
@@ -153,10 +160,11 @@ def build_training_folder(datastore: DatastoreView, root: str | os.PathLike,
                 summary["unlabeled"].append(image_id)
                 continue
             label_path = _checked_uri(label_uri, folder, f"label of {image_id!r}")
-            label = open_label(label_path)
+            label = read_label(label_path)
             if label.shape != image.shape:
                 raise VolumeError(f"{label_uri}: shape {label.shape} differs from the image's {image.shape}")
-            slices = annotated_slices_for(label, datastore.get_label_info(image_id, FINAL_TAG))
+            scan = scan_labels(label.data, label_path)  # one read: checks the values, finds the slices
+            slices = annotated_slices_for(scan, datastore.get_label_info(image_id, FINAL_TAG), label.shape[0])
         except (VolumeError, ValueError, OSError) as err:
             summary["skipped"][image_id] = f"label: {err}"
             summary["unlabeled"].append(image_id)
