@@ -44,10 +44,29 @@ from cryosxt_sim.kinds import KINDS, CellKind, Sample
 from cryosxt_sim.support import carbon_film
 from cryosxt_sim.yeast import vacuoles, walled_cells
 
-__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "Phantom", "build_phantom"]
+__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "PairedLayout", "Phantom", "build_phantom"]
 
 
 # ---------------------------------------------------------------- the phantom
+
+
+@dataclass(frozen=True)
+class PairedLayout:
+    """What makes one phantom come out the same at two voxel sizes (``cryosxt_sim.paired``).
+
+    Geometry is drawn in nm from the tomogram's stream, so only what depends on the grid must be
+    pinned: the padding (in voxels of this grid, the same nm at both sizes), the drawing bounds and
+    the voxel size behind "too small to draw" decisions (the coarse grid's), the raster step of the
+    cell-area estimate (its Poisson means) and a separate stream for grid-sized noise (texture,
+    film streaks), whose length would otherwise shift every later draw. The fine grid then sits
+    half a fine voxel off the coarse one, far under the resolution.
+    """
+
+    pad: tuple[int, int]
+    extent_nm: tuple[float, float, float]  # the coarse grid's (hi - lo): the same drawing bounds
+    draw_voxel_nm: float  # the coarse voxel size
+    area_step_nm: float
+    texture_seed: tuple[int, ...]
 
 
 @dataclass
@@ -64,8 +83,11 @@ class Builder:
     """Places and paints the objects of one phantom, in drawing order."""
 
     def __init__(self, fov, voxel, pad, rng, fiducials, kind: CellKind | None = None,
-                 sample: Sample | None = None):
+                 sample: Sample | None = None, layout: PairedLayout | None = None):
         self.rng = rng
+        # Paired phantoms draw their grid-sized noise from a stream of its own (see PairedLayout).
+        self.texture_rng = np.random.default_rng(layout.texture_seed) if layout else rng
+        self.area_step_nm = layout.area_step_nm if layout else max(float(voxel) * 4, 40.0)
         self.kind = kind or KINDS["mammalian"]
         self.sample = sample = sample or Sample()
         self.lac = {**LAC, **sample.lac_overrides()}
@@ -76,6 +98,9 @@ class Builder:
         self.cv = Canvas(tuple(fov), (pad[0], 0, pad[1]), shape, self.v)
         self.lo = -np.array(self.cv.offset, float) * self.v  # grid extent in nm
         self.hi = self.lo + (np.array(shape) - 1) * self.v
+        self.dv = self.v  # the voxel size that decides what is drawn (too small to resolve, margins)
+        if layout:  # draw as on the coarse grid: the same decisions at both voxel sizes
+            self.hi, self.dv = self.lo + np.asarray(layout.extent_nm), layout.draw_voxel_nm
         self.fiducials = fiducials
         self.ice_z = (self.lo[0], self.hi[0])
         self.ice_occ = np.ones((1, 1, 1), np.float32)
@@ -83,7 +108,7 @@ class Builder:
         self.objects: list[dict] = []
         self.occ_c = np.zeros((0, 3))
         self.occ_r = np.zeros(0)
-        self.tex = smooth_noise(shape, (90.0 / self.v, 35.0 / self.v), (1.0, 0.6), rng)
+        self.tex = smooth_noise(shape, (90.0 / self.v, 35.0 / self.v), (1.0, 0.6), self.texture_rng)
 
     # -- bookkeeping
     def add(self, kind: str, block: Block | None, membrane: bool, **params) -> int:
@@ -144,10 +169,10 @@ class Builder:
         else:  # drawn with the sample; a section's faces stay outside the volume
             t = max(self.sample.ice_ratio, 1.05) if sectioned else self.sample.ice_ratio
         t *= self.fov_nm[0]
-        t = min(t, self.hi[0] - self.lo[0] - 2 * self.v)
+        t = min(t, self.hi[0] - self.lo[0] - 2 * self.dv)
         shift = 0.0 if sectioned else self.rng.uniform(-0.1, 0.1)  # sections: faces outside the FOV
-        zc = self.fov_nm[0] / 2 - self.v / 2 + shift * self.fov_nm[0]
-        z0 = float(np.clip(zc - t / 2, self.lo[0] + self.v, self.hi[0] - t - self.v))
+        zc = self.fov_nm[0] / 2 - self.dv / 2 + shift * self.fov_nm[0]
+        z0 = float(np.clip(zc - t / 2, self.lo[0] + self.dv, self.hi[0] - t - self.dv))
         b = self.cv.block(self.lo, self.hi)
         d = np.maximum(z0 - b.z, b.z - (z0 + t))  # slab as an implicit surface
         self.ice_occ = solid(d, self.v)  # (nz, 1, 1): everything is cut at the sample faces
@@ -252,7 +277,7 @@ class Builder:
                 continue  # prefer filopodia that reach into the field of view
             h = min(cell.half_height_at(*base), (self.ice_z[1] - self.ice_z[0]) / 2)
             r = min(self.rng.uniform(50.0, 150.0), 0.7 * h)
-            if r < 1.2 * self.v:
+            if r < 1.2 * self.dv:
                 continue
             zs = cell.center[0] + self.rng.uniform(-0.4, 0.4) * max(h - r, 0.0)
             psi = phi + self.rng.normal(0, 0.45)
@@ -302,7 +327,7 @@ class Builder:
             c = cell.center + shift * self.rng.uniform(0.3, 1.0)
             c[0] = cell.center[0]
             radii[2] = 0.85 * cell.half_height_at(c[1], c[2]) - MARGIN_NM
-            if radii[2] < 4 * self.v:
+            if radii[2] < 4 * self.dv:
                 return None
             th = self.rng.uniform(0, np.pi)
             rot = np.array([[0, 0, 1.0], [np.sin(th), np.cos(th), 0], [np.cos(th), -np.sin(th), 0]])
@@ -354,7 +379,7 @@ class Builder:
         psi = rng.uniform(0, np.pi)
         for _ in range(3):
             cc = min(bb * rng.uniform(0.8, 1.0), 0.6 * (self.half_room(cell) - MARGIN_NM))
-            if cc < 4 * self.v:
+            if cc < 4 * self.dv:
                 return
             # flat cells hold flat-lying mitochondria: the tilt out of the slab plane is limited
             lim = min(0.15, 0.25 * self.half_room(cell) / a)
@@ -381,7 +406,7 @@ class Builder:
         d = sdf_ellipsoid(b, c, radii, rot)
         self.cv.paint(b, matrix + 0.02 * self.tex[b.sl], solid(d, self.v))
         # Cristae: membrane sheets across the long axis, each reaching in from one side.
-        spacing = max(rng.uniform(80.0, 140.0), 5 * self.v)
+        spacing = max(rng.uniform(80.0, 140.0), 5 * self.dv)
         n_c = int(2 * (a - bb * 0.5) // spacing) if with_cristae else 0
         cristae = np.full(block_shape(b), np.inf, np.float32)
         inner = -(MEMBRANE_NM + 0.5 * self.v + 10.0)
@@ -410,7 +435,7 @@ class Builder:
              "droplet": lambda: rng.uniform(*k.droplet_nm),
              "granule": lambda: rng.uniform(12.0, 30.0)}[kind]()
         r = min(r, 0.75 * (self.half_room(cell) - MARGIN_NM))
-        if kind != "granule" and r < 2.5 * self.v:
+        if kind != "granule" and r < 2.5 * self.dv:
             return
         c = self.place(cell, np.full(3, r), in_fov, nucleus, tries=15)
         if c is None or not self.free(c[None], np.array([r])):
@@ -435,7 +460,7 @@ class Builder:
         """A curved ER tubule: persistent random walk, mostly in the slab plane."""
         rng = self.rng
         r = min(rng.uniform(25.0, 45.0), 0.4 * self.half_room(cell))
-        if r < 1.5 * self.v:
+        if r < 1.5 * self.dv:
             return
         c = self.place(cell, np.full(3, r), in_fov, nucleus, tries=15)
         if c is None:
@@ -489,18 +514,20 @@ GOLD_BEADS = (1, 4)  # background "gold": beads on the ice surfaces
 
 
 def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, int], rng: np.random.Generator,
-                  fiducials: tuple[int, int] = (0, 2), sample: Sample | None = None) -> Phantom:
+                  fiducials: tuple[int, int] = (0, 2), sample: Sample | None = None,
+                  layout: PairedLayout | None = None) -> Phantom:
     """Random cell phantom for an (nz, ny, nx) field of view; pad = (z, x) padding in voxels.
 
     sample: cell kind, organelle density, ice, background, appearance; the default is the mammalian
-    phantom of the presets (same random numbers as before cell kinds existed).
+    phantom of the presets (same random numbers as before cell kinds existed). layout: only for
+    phantoms that must come out the same at another voxel size (``cryosxt_sim.paired``).
     """
     sample = sample or Sample()
     one_by_one = sample == Sample()  # the presets' default keeps its original granule draws
     kind = KINDS[sample.cell]
     if sample.background == "gold":
         fiducials = GOLD_BEADS
-    bld = Builder(fov, voxel_nm, pad, rng, fiducials, kind, sample)
+    bld = Builder(fov, voxel_nm, pad, rng, fiducials, kind, sample, layout)
     # a slab thinner than the kind's whole cells (250 nm; yeast 2.6 um) is always a section through one
     sectioned = bool(rng.random() < kind.p_sectioned) or fov[0] * voxel_nm < kind.whole_min_nm
     ice = bld.ice(sectioned)
@@ -538,7 +565,7 @@ def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, in
 
 def _cell_area_um2(cell: Cell, bld: Builder) -> dict[bool, float]:
     """Cell area (um^2) inside the FOV and in the whole grid, from a coarse outline raster."""
-    step = max(bld.v * 4, 40.0)
+    step = bld.area_step_nm
     y = np.arange(bld.lo[1], bld.hi[1], step)
     x = np.arange(bld.lo[2], bld.hi[2], step)
     u2, _ = cell.u2(y[:, None], x[None, :])

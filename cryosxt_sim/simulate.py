@@ -31,7 +31,7 @@ from cryosxt_sim.instruments import (
     resolve,
 )
 from cryosxt_sim.kinds import KINDS, Sample
-from cryosxt_sim.phantom import build_phantom
+from cryosxt_sim.phantom import PairedLayout, build_phantom
 from cryosxt_sim.tomography import acquire, reconstruct, tilt_angles
 
 __all__ = ["HELD_OUT", "INSTRUMENTS", "KINDS", "Instrument", "Sample", "SimulatedTomogram", "get_instrument",
@@ -64,12 +64,13 @@ def padding(shape: tuple[int, int, int], inst: Instrument, sample: Sample | None
 
 
 def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bessy",
-                      seed: int | Sequence[int] = 0, cell: str | Sample | None = None) -> SimulatedTomogram:
+                      seed: int | Sequence[int] = 0, cell: str | Sample | None = None,
+                      layout: PairedLayout | None = None) -> SimulatedTomogram:
     """Phantom -> tilt series (Beer-Lambert, PSF, Poisson) -> SIRT, with exact ground truth.
 
     instrument: a preset name, "random" (drawn from `seed`) or an Instrument; cell: see
     ``instruments.resolve`` (None: mammalian for presets, drawn under "random"). Everything drawn
-    is in ``info["instrument"]`` and ``info["sample"]``.
+    is in ``info["instrument"]`` and ``info["sample"]``. layout: set by ``cryosxt_sim.paired`` only.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
@@ -77,8 +78,8 @@ def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bess
     inst, sample = resolve(instrument, seed, cell)
     rng = np.random.default_rng(seed)
     v = inst.voxel_size_nm
-    pz, px = padding(shape, inst, sample)
-    ph = build_phantom(shape, v, (pz, px), rng, inst.fiducials, sample)
+    pz, px = layout.pad if layout else padding(shape, inst, sample)
+    ph = build_phantom(shape, v, (pz, px), rng, inst.fiducials, sample, layout)
     angles = tilt_angles(inst.tilt_max_deg, inst.tilt_step_deg)
     sino = acquire(ph.mu, v, angles, shape[2], psf_fwhm_nm=inst.psf_fwhm_nm, dose=inst.dose, rng=rng,
                    jitter_px=inst.jitter_px, flux_jitter=inst.flux_jitter)

@@ -59,7 +59,7 @@ def carbon_film(bld: Builder, ice: tuple[float, float]) -> dict:
     across = b.x * np.float32(math.cos(psi)) - b.y * np.float32(math.sin(psi))
     along = b.y * np.float32(math.cos(psi)) + b.x * np.float32(math.sin(psi))
     film = solid(d_sheet, v) * solid(-d_hole, v)
-    bld.cv.paint(b, np.float32(CARBON_LAC) * _streaks(across, along, rng), film)
+    bld.cv.paint(b, np.float32(CARBON_LAC) * _streaks(across, along, bld.texture_rng), film)
     fid = bld.add("support_film", b, False, **params)
     bld.cv.mark(b, film > 0.5, instance=fid)
     return params

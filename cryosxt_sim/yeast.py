@@ -89,7 +89,7 @@ def vacuoles(bld: Builder, cell: Cell, nucleus) -> None:
         a = cell.radius * rng.uniform(0.18, 0.35)
         radii = np.array([a, a * rng.uniform(0.8, 1.0), a * rng.uniform(0.75, 1.0)])
         radii[2] = min(radii[2], 0.8 * (bld.half_room(cell) - MARGIN_NM))  # third axis along z
-        if radii[2] < 2.5 * v:
+        if radii[2] < 2.5 * bld.dv:
             return
         th = rng.uniform(0, np.pi)
         rot = np.array([[0, 0, 1.0], [np.sin(th), np.cos(th), 0], [np.cos(th), -np.sin(th), 0]])

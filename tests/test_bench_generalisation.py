@@ -33,9 +33,10 @@ def test_one_condition_end_to_end(tmp_path: Path, weights: Path) -> None:
     lines = out.stdout.splitlines()
     assert "| condition | voxel nm | polarity | tiny |" in lines
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| bessy")}
-    assert set(rows) == {"bessy", "bessy-flip", "bessy-19.6nm"}
+    assert set(rows) == {"bessy", "bessy-flip", "bessy-pair-9.8nm", "bessy-pair-19.6nm"}
     assert "| 9.8 | bright |" in rows["bessy"] and "| 9.8 | dark |" in rows["bessy-flip"]
-    assert "| 19.6 | bright |" in rows["bessy-19.6nm"]
+    assert "| 9.8 | bright |" in rows["bessy-pair-9.8nm"] and "| 19.6 | bright |" in rows["bessy-pair-19.6nm"]
+    assert any("voxel-size pairs show the same phantom" in line for line in lines)
     for key in ("(a) presets, tiny:", "(b) inversion, tiny:", "(c) voxel size, tiny:"):
         assert any(line.startswith(f"- {key}") for line in lines), key
 
@@ -43,13 +44,14 @@ def test_one_condition_end_to_end(tmp_path: Path, weights: Path) -> None:
     assert report["arms"][0]["options"] == {"threshold": "0.0"}
     for name, result in report["results"]["tiny"].items():
         assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["f1"] <= 1.0, name
-    assert report["tomograms"]["bessy-19.6nm_s1000"]["shape"] == [8, 32, 32]
+    assert report["tomograms"]["bessy-pair-19.6nm_s1000"]["shape"] == [8, 32, 32]
+    assert report["tomograms"]["bessy-pair-9.8nm_s1000"]["shape"] == [16, 64, 64]
 
     # The flipped tomogram is the native one negated, and that is what the simulator writes for the
     # preset with the opposite polarity (the benchmark relies on it instead of simulating it again).
     images = sorted((tmp_path / "cache").glob("sim-*/16x64x64/images/*.mrc"))
-    assert [p.name for p in images] == ["bessy-flip_s1000.mrc", "bessy_s1000.mrc"]
-    flipped, native = (mrcfile.read(p) for p in images)
+    assert [p.name for p in images] == ["bessy-flip_s1000.mrc", "bessy-pair-9.8nm_s1000.mrc", "bessy_s1000.mrc"]
+    flipped, native = (mrcfile.read(p) for p in (images[0], images[2]))
     opposite = simulate_tomogram((16, 64, 64), get_instrument("bessy", polarity=-1), seed=(1000, 0, 0)).image
     np.testing.assert_array_equal(flipped, -native)
     np.testing.assert_array_equal(flipped, opposite)

@@ -345,3 +345,34 @@ def test_polarity_inverts_droplets_against_cytoplasm():
         if len(signs) == 2:
             break
     assert signs == {1: 1.0, -1: -1.0}
+
+
+@pytest.mark.parametrize("cell", ["mammalian", "crowded"])
+def test_paired_phantom_is_the_same_cell_at_both_voxel_sizes(cell):
+    from cryosxt_sim.paired import simulate_pair
+
+    inst = dataclasses.replace(INSTRUMENTS["bessy"], tilt_step_deg=5.0, iterations=5)
+    fine, coarse = simulate_pair((16, 64, 64), inst, seed=(7, 0, 0), cell=cell)
+    assert fine.image.shape == (16, 64, 64) and coarse.image.shape == (8, 32, 32)
+    assert coarse.voxel_size_nm == 2 * fine.voxel_size_nm
+    assert coarse.info["instrument"]["dose"] == 4 * fine.info["instrument"]["dose"]  # binned detector
+    assert [o["kind"] for o in fine.objects] == [o["kind"] for o in coarse.objects]
+    assert len(fine.objects) >= 2
+    for a, b in zip(fine.objects, coarse.objects, strict=True):
+        for key in ("center_nm", "start_nm"):
+            if key in a:  # half a fine voxel apart at most (the grids' offset), far under a coarse voxel
+                assert np.max(np.abs(np.subtract(a[key], b[key]))) <= fine.voxel_size_nm / 2 + 0.01
+    # the masks agree once the fine one is binned to the coarse grid
+    binned = fine.membrane.reshape(8, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5)) > 0.25
+    both = np.logical_and(binned, coarse.membrane > 0).sum()
+    assert 2 * both / (binned.sum() + (coarse.membrane > 0).sum()) > 0.6
+
+
+def test_ordinary_simulations_at_two_voxel_sizes_draw_different_cells():
+    """Why the paired mode exists (the test above would pass trivially if this did too)."""
+    inst = dataclasses.replace(INSTRUMENTS["bessy"], tilt_step_deg=5.0, iterations=5)
+    fine = simulate_tomogram((16, 64, 64), inst, seed=(7, 0, 0))
+    coarse = simulate_tomogram((8, 32, 32), dataclasses.replace(inst, voxel_size_nm=19.6), seed=(7, 0, 0))
+    kinds = [o["kind"] for o in fine.objects], [o["kind"] for o in coarse.objects]
+    centres = [o.get("center_nm") for o in fine.objects], [o.get("center_nm") for o in coarse.objects]
+    assert kinds[0] != kinds[1] or centres[0] != centres[1]

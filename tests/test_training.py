@@ -352,3 +352,49 @@ def test_ddp_gloo_two_processes(tiny_dataset: Path, tmp_path: Path):
     n_labeled, n_unlabeled = 2 * len(split["train"]), len(split["unlabeled"])
     assert history[0]["iteration"] == math.ceil(n_labeled / 2) + math.ceil(n_unlabeled / 2)
     assert (out / "last.pt").is_file() and "Traceback" not in log
+
+
+def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path, tiny_dataset: Path,
+                                                                tmp_path: Path):
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.io.weights_metadata import read_metadata
+    from scripts.network.weights import read_state_dict
+
+    start = trained_run / "last.pt"  # a run's checkpoint: only its network is taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        workflow = ConfigWorkflow(
+            config_file=str(CONFIGS / "train.json"), workflow_type="train", dataset_dir=str(tiny_dataset),
+            output_dir=str(tmp_path / "w"), num_workers=0, init_weights=str(start),  # no width: the file's
+        )
+        workflow.initialize()
+    loaded = workflow.parser.get_parsed_content("network").state_dict()
+    for key, value in read_state_dict(start).items():
+        torch.testing.assert_close(loaded[key], value, msg=key)
+
+    out = tmp_path / "tuned"
+    args = [a for a in TINY if a not in ("--width", "4")]
+    log = _bundle(["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset),
+                   "--output_dir", str(out), "--train#trainer#max_epochs", "1", "--init_weights", str(start),
+                   *args], cwd=REPO)
+    assert "training starts from the weights of" in log
+    tuned, scratch = _history(out), _history(trained_run)
+    assert [h["epoch"] for h in tuned] == [1]  # a new run (resume would have continued at epoch 5)
+    assert tuned[0]["train_labeled_loss"] < scratch[0]["train_labeled_loss"]
+    meta = read_metadata(out / "model.pt")
+    assert meta.width == 4 and meta.init_weights.startswith("last.pt (sha256 ")
+    assert "starting from last.pt" in meta.trained_on
+
+
+def test_init_weights_of_another_width_fail_before_training(trained_run: Path, tiny_dataset: Path,
+                                                            tmp_path: Path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--dataset_dir", str(tiny_dataset), "--output_dir", str(out),
+           "--init_weights", str(trained_run / "model.pt"), *TINY[2:], "--width", "8"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    assert "is a width-4 network but width 8 was asked for" in last, last
+    assert not (out / "history.jsonl").exists()

@@ -205,7 +205,7 @@ class SemiSupervisedTrain(BundleTrainTask):
         if self.inference_width:
             return int(self.inference_width)
         width = _file_width(models / "model.pt")
-        return width if width is not None else int(self._bundle_value("width", 8))
+        return width if width is not None else int(self._bundle_value("width") or 64)  # null: the paper's 64
 
     @staticmethod
     def _model_filename(request: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ METADATA_SUFFIX = ".json"
 # The published network (Dyhr, Sadeghi et al. 2023) was trained on 9.8 nm tomograms.
 PUBLISHED_VOXEL_SIZE_NM = 9.8
 PUBLISHED_RECIPE = "published"
-_TEXT_KEYS = ("recipe", "trained_on", "dataset", "date", "sha256", "weights")
+_TEXT_KEYS = ("recipe", "trained_on", "dataset", "date", "sha256", "weights", "init_weights")
 
 
 class MetadataError(ValueError):
@@ -60,6 +60,7 @@ class WeightsMetadata:
     trained_on: str | None = None
     dataset: str | None = None
     date: str | None = None
+    init_weights: str | None = None  # the weights training started from: "NAME (sha256 PREFIX)"
 
 
 def metadata_path(weights: str | os.PathLike) -> Path:
@@ -119,6 +120,7 @@ def read_metadata(weights: str | os.PathLike, width: int | None = None) -> Weigh
         trained_on=raw.get("trained_on"),
         dataset=raw.get("dataset"),
         date=raw.get("date"),
+        init_weights=raw.get("init_weights"),
     )
 
 
@@ -133,6 +135,7 @@ def write_metadata(weights: str | os.PathLike, metadata: WeightsMetadata) -> Pat
         "recipe": metadata.recipe,
         "trained_on": metadata.trained_on,
         "dataset": metadata.dataset,
+        "init_weights": metadata.init_weights,
         "date": metadata.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     path = metadata_path(weights)

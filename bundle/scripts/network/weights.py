@@ -39,8 +39,10 @@ __all__ = [
     "WeightsError",
     "WeightsInfo",
     "convert",
+    "init_network",
     "load_weights",
     "read_state_dict",
+    "training_width",
     "weights_info",
     "weights_voxel_size",
 ]
@@ -48,6 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KERAS_SUFFIXES = (".h5", ".hdf5")
+DEFAULT_WIDTH = 64  # the published network's m
 # The first encoder convolution's output channels are the network's width.
 _WIDTH_KEY = "encoder.initial_conv.conv_3.weight"
 
@@ -167,6 +170,36 @@ def load_weights(net: DoubleDecoderNet, path: str | os.PathLike | None) -> Doubl
             ) from err
     logger.info("loaded weights %s into a width-%d network", path, net.width)
     return net
+
+
+def training_width(width: int | str | None, init_weights: str | os.PathLike | None) -> int:
+    """The width a training run builds: that of ``init_weights`` when given, else ``width``, else 64.
+
+    A ``width`` given together with ``init_weights`` must match the file's (WeightsError otherwise):
+    fine-tuning cannot change the network's shape.
+    """
+    wanted = None if width in (None, "", "null", "None") else width
+    if wanted is not None and (isinstance(wanted, bool) or not str(wanted).isdigit() or int(wanted) < 1):
+        raise WeightsError(f"width must be a positive whole number, got {width!r}")
+    if init_weights in (None, "", "null", "None"):
+        return DEFAULT_WIDTH if wanted is None else int(wanted)
+    found = weights_info(init_weights).width
+    if wanted is not None and int(wanted) != found:
+        raise WeightsError(f"init_weights {init_weights} is a width-{found} network but width {wanted} was "
+                           f"asked for; drop --width (it comes from the weights) or pick other weights")
+    return found
+
+
+def init_network(net: DoubleDecoderNet, init_weights: str | os.PathLike | None) -> DoubleDecoderNet:
+    """``net`` with the weights of ``init_weights`` (fine-tuning's starting point); unchanged for None.
+
+    Any file ``load_weights`` reads: a ``model.pt``, a run's ``last.pt`` (only its network: the
+    optimisers and epoch start afresh, unlike ``resume``) or the published Keras ``.h5``.
+    """
+    if init_weights in (None, "", "null", "None"):
+        return net
+    logger.info("training starts from the weights of %s", init_weights)
+    return load_weights(net, init_weights)
 
 
 def convert(keras_file: str, output: str, width: int | None = None) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 
 from scripts.io.volume import VolumeError, open_volume
-from scripts.io.weights_metadata import WeightsMetadata, write_metadata
+from scripts.io.weights_metadata import WeightsMetadata, file_sha256, write_metadata
 
 __all__ = ["WeightsMetadataWriter", "median_voxel_size"]
 
@@ -55,6 +55,7 @@ class WeightsMetadataWriter:
         dataset_dir: the training folder (its name is recorded).
         width: the network width.
         recipe: the training recipe's name (train.json's ``recipe``).
+        init_weights: the weights training started from (train.json's ``init_weights``), or None.
         filenames: the checkpoints to describe.
     """
 
@@ -65,6 +66,7 @@ class WeightsMetadataWriter:
         dataset_dir: str | os.PathLike,
         width: int,
         recipe: str | None = DEFAULT_RECIPE,
+        init_weights: str | os.PathLike | None = None,
         filenames: Sequence[str] = ("model.pt", "last.pt"),
     ) -> None:
         self.save_dir = Path(save_dir)
@@ -73,6 +75,10 @@ class WeightsMetadataWriter:
         self.width = int(width)
         self.recipe = str(recipe) if recipe else DEFAULT_RECIPE
         self.filenames = tuple(filenames)
+        self.init_weights = None
+        if init_weights not in (None, "", "null", "None"):  # a missing file failed when the network loaded
+            init = Path(init_weights)
+            self.init_weights = f"{init.name} (sha256 {file_sha256(init)[:16]})"
         self._metadata: WeightsMetadata | None = None
         self._written: dict[str, tuple[int, int]] = {}  # file -> (mtime_ns, size) its sidecar describes
 
@@ -89,7 +95,10 @@ class WeightsMetadataWriter:
             dataset = self.dataset_dir.resolve().name
             trained_on = (f"{len(set(map(str, labeled)))} labeled and {len(unlabeled)} unlabeled tomograms "
                           f"in {dataset!r}, median voxel {voxel} nm")
-            self._metadata = WeightsMetadata(self.width, voxel, self.recipe, trained_on, dataset)
+            if self.init_weights:
+                trained_on += f", starting from {self.init_weights}"
+            self._metadata = WeightsMetadata(self.width, voxel, self.recipe, trained_on, dataset,
+                                             init_weights=self.init_weights)
         return self._metadata
 
     def __call__(self, engine: Engine | None = None) -> None:
