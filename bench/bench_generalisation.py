@@ -161,7 +161,9 @@ class Cache:
         return paths
 
     @staticmethod
-    def _store(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, voxel: float, meta: dict) -> None:
+    def _store(
+        paths: dict[str, Path], image: np.ndarray, label: np.ndarray, voxel: float, meta: dict
+    ) -> None:
         for p in paths.values():
             p.parent.mkdir(parents=True, exist_ok=True)
         write_volume(paths["image"], image, voxel)

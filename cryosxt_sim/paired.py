@@ -26,8 +26,10 @@ __all__ = ["TEXTURE_STREAM", "simulate_pair"]
 TEXTURE_STREAM = 0x7E87  # appended to the tomogram's seed: the paired phantoms' noise stream
 
 
-def simulate_pair(shape: Sequence[int], instrument: str | Instrument = "bessy", seed: int | Sequence[int] = 0,
-                  cell: str | Sample | None = None, factor: int = 2) -> tuple[SimulatedTomogram, SimulatedTomogram]:
+def simulate_pair(
+    shape: Sequence[int], instrument: str | Instrument = "bessy", seed: int | Sequence[int] = 0,
+    cell: str | Sample | None = None, factor: int = 2,
+) -> tuple[SimulatedTomogram, SimulatedTomogram]:
     """(fine, coarse): `shape` at the instrument's voxel size and shape / factor at factor times it.
 
     Objects (kinds, centres, sizes in nm) are the same in both, to well under a coarse voxel; every
@@ -46,6 +48,8 @@ def simulate_pair(shape: Sequence[int], instrument: str | Instrument = "bessy", 
     shared = {"extent_nm": tuple((n - 1) * vc for n in grid), "draw_voxel_nm": vc,
               "area_step_nm": max(4 * vc, 40.0),
               "texture_seed": (*(int(s) for s in np.atleast_1d(seed)), TEXTURE_STREAM)}
-    fine = simulate_tomogram(shape, inst, seed, sample, layout=PairedLayout((factor * pz, factor * px), **shared))
-    coarse = simulate_tomogram(coarse_shape, coarse_inst, seed, sample, layout=PairedLayout((pz, px), **shared))
+    fine_layout = PairedLayout((factor * pz, factor * px), **shared)
+    coarse_layout = PairedLayout((pz, px), **shared)
+    fine = simulate_tomogram(shape, inst, seed, sample, layout=fine_layout)
+    coarse = simulate_tomogram(coarse_shape, coarse_inst, seed, sample, layout=coarse_layout)
     return fine, coarse

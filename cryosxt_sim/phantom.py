@@ -44,7 +44,8 @@ from cryosxt_sim.kinds import KINDS, CellKind, Sample
 from cryosxt_sim.support import carbon_film
 from cryosxt_sim.yeast import vacuoles, walled_cells
 
-__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "PairedLayout", "Phantom", "build_phantom"]
+__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "PairedLayout", "Phantom",
+           "build_phantom"]
 
 
 # ---------------------------------------------------------------- the phantom

@@ -50,7 +50,8 @@ def test_one_condition_end_to_end(tmp_path: Path, weights: Path) -> None:
     # The flipped tomogram is the native one negated, and that is what the simulator writes for the
     # preset with the opposite polarity (the benchmark relies on it instead of simulating it again).
     images = sorted((tmp_path / "cache").glob("sim-*/16x64x64/images/*.mrc"))
-    assert [p.name for p in images] == ["bessy-flip_s1000.mrc", "bessy-pair-9.8nm_s1000.mrc", "bessy_s1000.mrc"]
+    names = ["bessy-flip_s1000.mrc", "bessy-pair-9.8nm_s1000.mrc", "bessy_s1000.mrc"]
+    assert [p.name for p in images] == names
     flipped, native = (mrcfile.read(p) for p in (images[0], images[2]))
     opposite = simulate_tomogram((16, 64, 64), get_instrument("bessy", polarity=-1), seed=(1000, 0, 0)).image
     np.testing.assert_array_equal(flipped, -native)

@@ -375,9 +375,9 @@ def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path
 
     out = tmp_path / "tuned"
     args = [a for a in TINY if a not in ("--width", "4")]
-    log = _bundle(["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset),
-                   "--output_dir", str(out), "--train#trainer#max_epochs", "1", "--init_weights", str(start),
-                   *args], cwd=REPO)
+    log = _bundle(["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir",
+                   str(tiny_dataset), "--output_dir", str(out), "--train#trainer#max_epochs", "1",
+                   "--init_weights", str(start), *args], cwd=REPO)
     assert "training starts from the weights of" in log
     tuned, scratch = _history(out), _history(trained_run)
     assert [h["epoch"] for h in tuned] == [1]  # a new run (resume would have continued at epoch 5)
@@ -390,8 +390,8 @@ def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path
 def test_init_weights_of_another_width_fail_before_training(trained_run: Path, tiny_dataset: Path,
                                                             tmp_path: Path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--dataset_dir", str(tiny_dataset), "--output_dir", str(out),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset), "--output_dir", str(out),
            "--init_weights", str(trained_run / "model.pt"), *TINY[2:], "--width", "8"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
