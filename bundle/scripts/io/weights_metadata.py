@@ -43,7 +43,7 @@ METADATA_SUFFIX = ".json"
 # The published network (Dyhr, Sadeghi et al. 2023) was trained on 9.8 nm tomograms.
 PUBLISHED_VOXEL_SIZE_NM = 9.8
 PUBLISHED_RECIPE = "published"
-_TEXT_KEYS = ("recipe", "trained_on", "dataset", "date", "sha256", "weights", "init_weights")
+_TEXT_KEYS = ("recipe", "trained_on", "dataset", "date", "sha256", "weights", "init_weights", "adapted_to")
 
 
 class MetadataError(ValueError):
@@ -61,6 +61,7 @@ class WeightsMetadata:
     dataset: str | None = None
     date: str | None = None
     init_weights: str | None = None  # the weights training started from: "NAME (sha256 PREFIX)"
+    adapted_to: str | None = None  # the unlabeled data of an adaptation (``adapting``)
 
 
 def metadata_path(weights: str | os.PathLike) -> Path:
@@ -121,6 +122,7 @@ def read_metadata(weights: str | os.PathLike, width: int | None = None) -> Weigh
         dataset=raw.get("dataset"),
         date=raw.get("date"),
         init_weights=raw.get("init_weights"),
+        adapted_to=raw.get("adapted_to"),
     )
 
 
@@ -136,6 +138,7 @@ def write_metadata(weights: str | os.PathLike, metadata: WeightsMetadata) -> Pat
         "trained_on": metadata.trained_on,
         "dataset": metadata.dataset,
         "init_weights": metadata.init_weights,
+        "adapted_to": metadata.adapted_to,
         "date": metadata.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     path = metadata_path(weights)

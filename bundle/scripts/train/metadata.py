@@ -56,6 +56,7 @@ class WeightsMetadataWriter:
         width: the network width.
         recipe: the training recipe's name (train.json's ``recipe``).
         init_weights: the weights training started from (train.json's ``init_weights``), or None.
+        adapted_to: the folder of unlabeled tomograms an adaptation used (adapt.json), or None.
         filenames: the checkpoints to describe.
     """
 
@@ -67,6 +68,7 @@ class WeightsMetadataWriter:
         width: int,
         recipe: str | None = DEFAULT_RECIPE,
         init_weights: str | os.PathLike | None = None,
+        adapted_to: str | os.PathLike | None = None,
         filenames: Sequence[str] = ("model.pt", "last.pt"),
     ) -> None:
         self.save_dir = Path(save_dir)
@@ -79,6 +81,7 @@ class WeightsMetadataWriter:
         if init_weights not in (None, "", "null", "None"):  # a missing file failed when the network loaded
             init = Path(init_weights)
             self.init_weights = f"{init.name} (sha256 {file_sha256(init)[:16]})"
+        self.adapted_to = None if adapted_to in (None, "", "null", "None") else str(Path(adapted_to).resolve())
         self._metadata: WeightsMetadata | None = None
         self._written: dict[str, tuple[int, int]] = {}  # file -> (mtime_ns, size) its sidecar describes
 
@@ -97,8 +100,12 @@ class WeightsMetadataWriter:
                           f"in {dataset!r}, median voxel {voxel} nm")
             if self.init_weights:
                 trained_on += f", starting from {self.init_weights}"
+            adapted_to = None
+            if self.adapted_to:
+                adapted_to = f"{len(unlabeled)} unlabeled tomograms in {self.adapted_to}"
+                trained_on = f"adapted to {adapted_to}; labeled source: {trained_on}"
             self._metadata = WeightsMetadata(self.width, voxel, self.recipe, trained_on, dataset,
-                                             init_weights=self.init_weights)
+                                             init_weights=self.init_weights, adapted_to=adapted_to)
         return self._metadata
 
     def __call__(self, engine: Engine | None = None) -> None:
