@@ -1,4 +1,5 @@
 """Segmenting tomograms slice by slice: prediction, post-processing, output files, ranks.
 
-Imports ``scripts.network``, ``scripts.io`` and ``scripts.options``; never ``train`` or ``surfaces``.
+Imports ``scripts.network``, ``scripts.io``, ``scripts.options`` and ``scripts.reconstruction``; never
+``train`` or ``surfaces``.
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.infer.ood import ReconstructionScorer, ood_warning
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePredictor
 from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
@@ -75,6 +76,9 @@ class TomogramSegmenter:
         distribute: under torchrun, "tomograms" gives each rank whole tomograms, "slices" has all
             ranks share each tomogram's slices (one large tomogram), "auto" picks "slices" when the
             folder holds fewer tomograms than there are ranks.
+        ood: the out-of-distribution score (``scripts.infer.ood``), computed on a few slices of each
+            tomogram after its masks are written (on rank 0 when ranks share slices); None or a
+            scorer with 0 slices: off.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class TomogramSegmenter:
         weights: str | os.PathLike | None = None,
         progress: bool = True,
         distribute: str = "auto",
+        ood: ReconstructionScorer | None = None,
     ) -> None:
         unknown = [f for f in formats if f.lower() not in SUFFIXES]
         if unknown or not formats:
@@ -116,6 +121,7 @@ class TomogramSegmenter:
         self.weights = str(weights) if weights is not None else None
         self.progress = progress
         self.distribute = distribute
+        self.ood = ood if ood is not None and ood.enabled else None
 
     # ----------------------------------------------------------------------------------- outputs
     def _outputs(self, stem: str) -> dict[str, list[Path]]:
@@ -195,6 +201,7 @@ class TomogramSegmenter:
                 if staged is not None:
                     self.post.volume(staged)
                     foreground = self._copy_staged(staged, outputs["mask"], volume, "mask", stack)
+        ood = self._ood(volume, (z0, z1), match) if self.ood is not None else None
         summary = {
             "tomogram": str(volume.path),
             "shape": list(volume.data.shape),
@@ -217,9 +224,19 @@ class TomogramSegmenter:
             },
             "outputs": {k: [p.name for p in ps] for k, ps in outputs.items()},
         }
+        if ood is not None:
+            summary["ood"] = ood
         with atomic_output(self._summary_path(stem)) as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _ood(self, volume: Volume, z_range: tuple[int, int], match: VoxelMatch | None) -> dict:
+        """The OOD score of the segmented slices (as the network saw them); warns when flagged."""
+        scale = match.scale if match is not None and match.resampled else None
+        result = self.ood.score(volume.data, *z_range, scale=scale)
+        if result["flagged"]:
+            logger.warning(ood_warning(volume.path.name, result))
+        return result
 
     def _segment_shared(
         self, volume: Volume, stem: str, outputs: dict, z_range: tuple[int, int], rank: int, world: int,
@@ -417,6 +434,8 @@ class TomogramSegmenter:
                         "foreground_fraction": f"{s['foreground_fraction']:.6f}",
                         "seconds": s["seconds"],
                         "weights": s["weights"],
+                        "ood_score": _blank(s.get("ood", {}).get("score")),
+                        "ood_ratio": _blank(s.get("ood", {}).get("ratio")),
                     }
                 )
         if not rows:
@@ -425,6 +444,10 @@ class TomogramSegmenter:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+
+def _blank(value: object) -> object:
+    return "" if value is None else value
 
 
 def _on_all_ranks(step, path: Path) -> None:

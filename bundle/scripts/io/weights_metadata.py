@@ -62,6 +62,8 @@ class WeightsMetadata:
     date: str | None = None
     init_weights: str | None = None  # the weights training started from: "NAME (sha256 PREFIX)"
     adapted_to: str | None = None  # the unlabeled data of an adaptation (``adapting``)
+    # The image decoder's median reconstruction error on the training data (scripts.infer.ood).
+    ood_level: float | None = None
 
 
 def metadata_path(weights: str | os.PathLike) -> Path:
@@ -81,12 +83,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _checked(raw: Any, path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise MetadataError(f"{path}: weights metadata must be a JSON object, got {type(raw).__name__}")
-    width, voxel = raw.get("width"), raw.get("voxel_size_nm")
+    width = raw.get("width")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
         raise MetadataError(f"{path}: 'width' must be a positive integer, got {width!r}")
-    number = isinstance(voxel, (int, float)) and not isinstance(voxel, bool)
-    if voxel is not None and not (number and math.isfinite(voxel) and voxel > 0):
-        raise MetadataError(f"{path}: 'voxel_size_nm' must be a positive number or null, got {voxel!r}")
+    for key in ("voxel_size_nm", "ood_level"):
+        value = raw.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value) and value > 0):
+            raise MetadataError(f"{path}: {key!r} must be a positive number or null, got {value!r}")
     for key in _TEXT_KEYS:
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise MetadataError(f"{path}: {key!r} must be text or null, got {raw[key]!r}")
@@ -113,7 +117,7 @@ def read_metadata(weights: str | os.PathLike, width: int | None = None) -> Weigh
     if width is not None and raw.get("width") is not None and raw["width"] != width:
         logger.warning("%s says width %s, %s has width %d: ignored", path, raw["width"], weights.name, width)
         return None
-    voxel = raw.get("voxel_size_nm")
+    voxel, level = raw.get("voxel_size_nm"), raw.get("ood_level")
     return WeightsMetadata(
         width=raw.get("width"),
         voxel_size_nm=float(voxel) if voxel is not None else None,
@@ -123,6 +127,7 @@ def read_metadata(weights: str | os.PathLike, width: int | None = None) -> Weigh
         date=raw.get("date"),
         init_weights=raw.get("init_weights"),
         adapted_to=raw.get("adapted_to"),
+        ood_level=float(level) if level is not None else None,
     )
 
 
@@ -139,6 +144,7 @@ def write_metadata(weights: str | os.PathLike, metadata: WeightsMetadata) -> Pat
         "dataset": metadata.dataset,
         "init_weights": metadata.init_weights,
         "adapted_to": metadata.adapted_to,
+        "ood_level": metadata.ood_level,
         "date": metadata.date or datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     path = metadata_path(weights)

@@ -26,6 +26,7 @@ from ignite.engine import Engine, Events
 
 from scripts.io.atomic import atomic_output
 from scripts.io.volume import VolumeError, find_volumes, open_volume
+from scripts.reconstruction import pick_slices, reconstruction_error
 from scripts.train.dataset import list_training_data, slice_items, slice_items_unlabeled
 from scripts.train.labels import label_to_target
 from scripts.train.metadata import WeightsMetadataWriter
@@ -88,14 +89,13 @@ def adaptation_data(dataset_dir: str | os.PathLike, unlabeled_dir: str | os.Path
     volumes = find_volumes(unlabeled_dir)
     data = prepare_data(dataset_dir, val_fraction, seed, semi_supervised=False)
     data["unlabeled"] = slice_items_unlabeled(volumes)
-    logger.info("adapting to %d tomograms (%d slices) in %s", len(volumes), len(data["unlabeled"]), unlabeled_dir)
+    logger.info("adapting to %d tomograms (%d slices) in %s", len(volumes), len(data["unlabeled"]),
+                unlabeled_dir)
     return data
 
 
 def _tomogram_errors(network: torch.nn.Module, volumes: Sequence[Path], slices: int) -> dict[str, float]:
     """Median reconstruction error per tomogram (``scripts.infer.ood``), on ``slices`` slices each."""
-    from scripts.infer.ood import pick_slices, reconstruction_error
-
     out = {}
     for path in volumes:
         volume = open_volume(path, check_finite=False)
@@ -167,8 +167,8 @@ class AdaptationReport:
             dice = _dice(self.network, self.check_items, device) if self.check_items else None
         finally:
             self.network.train(mode)
-        return {"reconstruction_error": errors, "median_reconstruction_error": float(np.median(list(errors.values()))),
-                "dice": dice}
+        median = float(np.median(list(errors.values())))
+        return {"reconstruction_error": errors, "median_reconstruction_error": median, "dice": dice}
 
     def started(self, engine: Engine) -> None:
         # A resumed run keeps the "before" of its first start: the network is no longer the initial one.
