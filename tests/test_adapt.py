@@ -92,3 +92,29 @@ def test_source_data_are_simulated_once_with_interior_slices_annotated(tmp_path:
     shutil.rmtree(folder / "images")
     (folder / "source.json").unlink()  # an incomplete set (no marker) is made again
     assert len(list_training_data(source_dataset(tmp_path, count=1, shape="10,48,48", seed=7))[0]) == 1
+
+
+@pytest.mark.slow  # two tiny adaptations and three inference arms through the real commands: ~2 min
+def test_adaptation_benchmark_runs_on_tiny_data(folders, weights: Path, tmp_path: Path):
+    script = REPO / "bench" / "bench_adaptation.py"
+    args = ["--weights", str(weights), "--seeds", "1", "--unlabeled", "1", "--unlabeled-shape", "8,64,64",
+            "--shape", "16,64,64", "--epochs", "1", "--source", str(folders["source"]),
+            "--work", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    for option in ("patch_size=64", "batch_size=2", "num_workers=0", "unlabeled_steps_per_epoch=2",
+                   "report_slices=2"):
+        args += ["--option", option]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("| before |") for line in lines)
+    assert any(line.startswith("| adapt |") for line in lines) and any(line.startswith("| control |")
+                                                                       for line in lines)
+    assert any(line.startswith("- Dice after adaptation") for line in lines)
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    control = read_metadata(tmp_path / "runs" / "control_s0" / "e1" / ADAPTED)
+    adapted = read_metadata(tmp_path / "runs" / "adapt_s0" / "e1" / ADAPTED)
+    assert adapted.adapted_to.startswith("1 unlabeled") and control.adapted_to.startswith("0 unlabeled")
+    for arm in ("before", "adapt", "control"):
+        assert len(summary["arms"][arm]["dice"]) == 1 and summary["arms"][arm]["ood_held_out"][0] is not None

@@ -26,6 +26,7 @@ from ignite.engine import Engine, Events
 
 from scripts.io.atomic import atomic_output
 from scripts.io.volume import VolumeError, find_volumes, open_volume
+from scripts.options import as_bool
 from scripts.reconstruction import pick_slices, reconstruction_error
 from scripts.train.dataset import list_training_data, slice_items, slice_items_unlabeled
 from scripts.train.labels import label_to_target
@@ -80,15 +81,20 @@ def source_dataset(output_dir: str | os.PathLike, count: int = SOURCE_COUNT, sha
     return str(folder)
 
 
-def adaptation_data(dataset_dir: str | os.PathLike, unlabeled_dir: str | os.PathLike | None,
-                    val_fraction: float = 0.25, seed: int = 0) -> dict[str, Any]:
+def adaptation_data(
+    dataset_dir: str | os.PathLike, unlabeled_dir: str | os.PathLike | None, val_fraction: float = 0.25,
+    seed: int = 0, semi_supervised: bool | str = True,
+) -> dict[str, Any]:
     """``prepare_data`` of the labeled source folder, with the unlabeled slices of ``unlabeled_dir``
-    (every volume in it: the new microscope's tomograms) instead of the source's own."""
+    (every volume in it: the new microscope's tomograms) instead of the source's own. With
+    ``semi_supervised`` false (the benchmark's control) no unlabeled step runs; the report still
+    measures the tomograms of ``unlabeled_dir``."""
     if not _given(unlabeled_dir):
         raise ValueError("adapting needs --unlabeled_dir: a folder of tomograms from the new microscope")
     volumes = find_volumes(unlabeled_dir)
     data = prepare_data(dataset_dir, val_fraction, seed, semi_supervised=False)
-    data["unlabeled"] = slice_items_unlabeled(volumes)
+    semi = as_bool(semi_supervised, "semi_supervised")
+    data["unlabeled"] = slice_items_unlabeled(volumes) if semi else []
     logger.info("adapting to %d tomograms (%d slices) in %s", len(volumes), len(data["unlabeled"]),
                 unlabeled_dir)
     return data
