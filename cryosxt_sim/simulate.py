@@ -104,11 +104,12 @@ def _shape(shape) -> tuple[int, int, int]:
 
 def _formats(formats) -> list[str]:
     items = formats.split(",") if isinstance(formats, str) else list(formats)
-    suffix = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz"}
+    suffix = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz",
+              "ome.zarr": ".ome.zarr", "zarr": ".ome.zarr"}
     try:
         return [suffix[f.strip().lower().lstrip(".")] for f in items if f.strip()]
     except KeyError as err:
-        raise ValueError(f"unknown format {err}; use mrc, tif, nii.gz") from None
+        raise ValueError(f"unknown format {err}; use mrc, tif, nii.gz, ome.zarr") from None
 
 
 def _count(value, name: str) -> int:

@@ -107,8 +107,9 @@ def segment_volume(
     for start, stop in _blocks(start_z, stop_z, batch_size, z0, z1):
         shape = (stop - start, *volume.shape[1:])
         if start >= z0 and stop <= z1:
-            prediction = predictor.predict(np.asarray(volume[start:stop]), scale)
-            release_pages(volume[start:stop])
+            batch = volume[start:stop]  # indexed once: an OME-Zarr stack reads its chunks on each index
+            prediction = predictor.predict(np.asarray(batch), scale)
+            release_pages(batch)  # a memory map's pages; a no-op for arrays read into memory
             trim_heap()
             mask = postprocessing.slices(prediction.label.numpy())
             bar.update(stop - start)

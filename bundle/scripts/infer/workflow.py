@@ -21,7 +21,7 @@ from scripts.infer.predict import SlicePredictor
 from scripts.infer.ranks import join, leave, share_range, sum_over_ranks
 from scripts.infer.resample import VoxelMatch
 from scripts.infer.segment import KINDS, output_dtype, segment_volume, slice_bounds
-from scripts.io.atomic import PARTIAL_MARKER, atomic_output, output_folder
+from scripts.io.atomic import PARTIAL_MARKER, atomic_output, output_folder, remove_output
 from scripts.io.diskspace import check_free_space, new_memmap
 from scripts.io.locks import FileLock
 from scripts.io.pages import release_pages
@@ -33,15 +33,17 @@ from scripts.io.volume import (
     bytes_to_write,
     find_volumes,
     open_volume,
+    volume_exists,
     volume_stem,
 )
-from scripts.options import as_bool, as_choice, as_optional, as_range, as_voxel_size
+from scripts.options import as_bool, as_choice, as_names, as_optional, as_range, as_voxel_size
 
 __all__ = ["TomogramSegmenter", "InferenceError"]
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz"}
+SUFFIXES = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz",
+            "ome.zarr": ".ome.zarr", "zarr": ".ome.zarr"}
 
 
 class InferenceError(RuntimeError):
@@ -64,7 +66,7 @@ class TomogramSegmenter:
         predictor: runs the network on batches of slices.
         postprocessing: threshold and clean-up of the mask.
         output_dir: where outputs go (created).
-        formats: any of "mrc", "tif", "nii.gz".
+        formats: any of "mrc", "tif", "nii.gz", "ome.zarr" (a chunked OME-Zarr folder per output).
         probability: None, "uint8" or "float16".
         reconstruction: also save the image decoder's output.
         batch_size: slices per forward pass.
@@ -79,6 +81,8 @@ class TomogramSegmenter:
         ood: the out-of-distribution score (``scripts.infer.ood``), computed on a few slices of each
             tomogram after its masks are written (on rank 0 when ranks share slices); None or a
             scorer with 0 slices: off.
+        zarr_level: the resolution level read from OME-Zarr inputs (0: the highest; other formats
+            have one level).
     """
 
     def __init__(
@@ -97,10 +101,11 @@ class TomogramSegmenter:
         progress: bool = True,
         distribute: str = "auto",
         ood: ReconstructionScorer | None = None,
+        zarr_level: int | str = 0,
     ) -> None:
-        unknown = [f for f in formats if f.lower() not in SUFFIXES]
-        if unknown or not formats:
-            raise ValueError(f"output formats must be among {sorted(SUFFIXES)}, got {list(formats)}")
+        names = as_names(formats, "formats")  # "[ome.zarr, mrc]" and "mrc" arrive as strings from the CLI
+        if not names or any(f not in SUFFIXES for f in names):
+            raise ValueError(f"output formats must be among {sorted(SUFFIXES)}, got {formats!r}")
         distribute = as_choice(distribute, "distribute", ("auto", "tomograms", "slices"))
         probability = as_optional(probability)
         if probability not in (None, "uint8", "float16"):
@@ -111,7 +116,7 @@ class TomogramSegmenter:
         self.predictor = predictor
         self.post = postprocessing
         self.output_dir = Path(output_dir)
-        self.suffixes = list(dict.fromkeys(SUFFIXES[f.lower()] for f in formats))
+        self.suffixes = list(dict.fromkeys(SUFFIXES[f] for f in names))
         self.probability = probability
         self.reconstruction = reconstruction
         self.batch_size = max(1, int(batch_size))
@@ -122,6 +127,7 @@ class TomogramSegmenter:
         self.progress = progress
         self.distribute = distribute
         self.ood = ood if ood is not None and ood.enabled else None
+        self.zarr_level = _level(zarr_level)
 
     # ----------------------------------------------------------------------------------- outputs
     def _outputs(self, stem: str) -> dict[str, list[Path]]:
@@ -137,7 +143,7 @@ class TomogramSegmenter:
     def is_complete(self, path: Path) -> bool:
         stem = volume_stem(path)
         paths = [p for ps in self._outputs(stem).values() for p in ps] + [self._summary_path(stem)]
-        return all(p.is_file() for p in paths)
+        return all(volume_exists(p) for p in paths)  # OME-Zarr outputs are folders
 
     def _lock_path(self, path: Path) -> Path:
         return self.output_dir / f".{volume_stem(path)}.lock"
@@ -150,7 +156,7 @@ class TomogramSegmenter:
         own = re.compile(rf"\.{re.escape(stem)}_({kinds}){re.escape(PARTIAL_MARKER)}")
         for stale in self.output_dir.iterdir():
             if own.match(stale.name):
-                stale.unlink(missing_ok=True)
+                remove_output(stale)  # a file, or an OME-Zarr folder
 
     def _space_needed(self, volume: Volume, outputs: dict[str, list[Path]], world: int) -> int:
         """Peak bytes the outputs of ``volume`` take in the output folder, temporary files included."""
@@ -175,7 +181,7 @@ class TomogramSegmenter:
         writes the outputs and returns the summary, the other ranks return None.
         """
         start = time.perf_counter()
-        volume = _open_on_all_ranks(path, self.voxel_size_nm, world)
+        volume = _open_on_all_ranks(path, self.voxel_size_nm, world, self.zarr_level)
         match = self.predictor.voxel_match(volume.voxel_size_nm, volume.path.name)
         stem = volume_stem(volume.path)
         depth = volume.data.shape[0]
@@ -464,9 +470,21 @@ def _on_all_ranks(step, path: Path) -> None:
         raise VolumeError(f"{path}: segmentation failed on {failed} other rank(s); see their log")
 
 
-def _open_on_all_ranks(path: str | os.PathLike, voxel_size_nm, world: int) -> Volume:
+def _open_on_all_ranks(path: str | os.PathLike, voxel_size_nm, world: int, level: int = 0) -> Volume:
     if world == 1:
-        return open_volume(path, voxel_size_nm=voxel_size_nm)
+        return open_volume(path, voxel_size_nm=voxel_size_nm, level=level)
     opened: list[Volume] = []
-    _on_all_ranks(lambda: opened.append(open_volume(path, voxel_size_nm=voxel_size_nm)), Path(path))
+    _on_all_ranks(lambda: opened.append(open_volume(path, voxel_size_nm=voxel_size_nm, level=level)),
+                  Path(path))
     return opened[0]
+
+
+def _level(value: object) -> int:
+    """``zarr_level`` as a whole number >= 0 (it may arrive as a string from the command line)."""
+    try:
+        level = int(str(value).strip())
+    except ValueError:
+        level = -1
+    if isinstance(value, bool) or level < 0:
+        raise ValueError(f"zarr_level must be a whole number >= 0 (0: the highest resolution), got {value!r}")
+    return level

@@ -1,7 +1,8 @@
 """Atomic file output: write to a temporary file next to the target, then rename it into place.
 
-Also the checks of an output folder (a folder, writable), so that errors name the folder the user
-chose rather than a hidden temporary file in it.
+The target may also be a folder (an OME-Zarr store): it is written as a temporary folder and renamed
+the same way. Also the checks of an output folder (a folder, writable), so that errors name the folder
+the user chose rather than a hidden temporary file in it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["PARTIAL_MARKER", "OutputFolderError", "atomic_output", "full_suffix", "output_folder"]
+__all__ = [
+    "PARTIAL_MARKER", "OutputFolderError", "atomic_output", "full_suffix", "output_folder", "remove_output",
+]
 
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -27,9 +31,36 @@ def full_suffix(path: str | os.PathLike) -> str:
     suffixes = Path(path).suffixes
     if not suffixes:
         return ""
-    if len(suffixes) >= 2 and suffixes[-1].lower() in _COMPRESSION_SUFFIXES:
+    if len(suffixes) >= 2 and (
+        suffixes[-1].lower() in _COMPRESSION_SUFFIXES or (suffixes[-2] + suffixes[-1]).lower() == ".ome.zarr"
+    ):
         return suffixes[-2] + suffixes[-1]
     return suffixes[-1]
+
+
+def remove_output(path: str | os.PathLike) -> None:
+    """Remove a file or a folder (a partial OME-Zarr store) if it exists; a link itself, not its target."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    if not (tmp.is_dir() and path.is_dir() and not path.is_symlink()):
+        os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
+        return
+    # A folder cannot be renamed over a non-empty one: move the old one aside, then drop it. The final
+    # name is missing for the moment between the two renames, never half-written.
+    old = tmp.with_name(tmp.name.replace(PARTIAL_MARKER, f"{PARTIAL_MARKER}old-", 1))
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    remove_output(old)
 
 
 @contextmanager
@@ -49,17 +80,17 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: nothing was written to the temporary file {tmp.name}")
-        os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
+        _replace(tmp, path)
     except OSError as err:
         with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            remove_output(tmp)
         if err.errno in _NOT_WRITABLE and err.filename is not None and Path(err.filename) == tmp:
             raise OutputFolderError(
                 err.errno, f"{path.parent}: cannot write into this folder ({err.strerror})"
             ) from err
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_output(tmp)
         raise
 
 

@@ -19,8 +19,8 @@ from monai.utils import ensure_tuple
 from scripts.io.volume import (
     MRC_SUFFIXES,
     NIFTI_SUFFIXES,
-    SUPPORTED_SUFFIXES,
     TIFF_SUFFIXES,
+    VOLUME_SUFFIXES,
     Volume,
     VolumeError,
     open_volume,
@@ -57,13 +57,13 @@ def volume_meta(volume: Volume) -> dict[str, Any]:
 
 
 class VolumeReader(ImageReader):
-    """Reads every format of ``open_volume``; subclasses narrow the suffixes they claim.
+    """Reads every format of ``open_volume`` (OME-Zarr folders too); subclasses narrow the suffixes.
 
-    Keyword arguments (``voxel_size_nm``, ``allow_2d``, ``check_finite``) go to ``open_volume``.
+    Keyword arguments (``voxel_size_nm``, ``allow_2d``, ``check_finite``, ``level``) go to ``open_volume``.
     A list of files is stacked on a new first (channel) axis; they must have the same shape.
     """
 
-    suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES
+    suffixes: tuple[str, ...] = VOLUME_SUFFIXES
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
-"""Read and write tomograms (MRC, TIFF stacks, NIfTI) as (z, y, x) arrays with a voxel size in nm.
+"""Read and write tomograms (MRC, TIFF, NIfTI, OME-Zarr) as (z, y, x) arrays with a voxel size in nm.
 
-Reading memory-maps where the format allows it, so a 4 GB tomogram is never loaded whole just to be
-opened. Writing always goes through ``atomic_output``: a file appears under its final name only when
+Reading memory-maps where the format allows it (an OME-Zarr store reads only the chunks an index
+touches, ``scripts.io.omezarr``), so a 4 GB tomogram is never loaded whole just to be opened. Writing
+always goes through ``atomic_output``: a file (or store folder) appears under its final name only when
 complete. Conventions are documented in docs/data.md.
 """
 
@@ -13,6 +14,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "SUPPORTED_SUFFIXES",
     "TIFF_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "ZARR_SUFFIXES",
     "SliceWriter",
     "Volume",
     "VolumeError",
@@ -40,6 +44,7 @@ __all__ = [
     "is_volume_file",
     "iter_slabs",
     "open_volume",
+    "volume_exists",
     "volume_stem",
     "volume_suffix",
     "write_volume",
@@ -48,7 +53,9 @@ __all__ = [
 MRC_SUFFIXES = (".mrc", ".rec", ".st", ".map", ".mrcs")
 TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SUPPORTED_SUFFIXES = MRC_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES
+SUPPORTED_SUFFIXES = MRC_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES  # single files (MONAI Label uploads)
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")  # OME-Zarr stores: folders
+VOLUME_SUFFIXES = SUPPORTED_SUFFIXES + ZARR_SUFFIXES
 
 VoxelSize = tuple[float, float, float]
 
@@ -127,27 +134,36 @@ def _format_of(path: Path) -> str:
         return "tiff"
     if suffix in NIFTI_SUFFIXES:
         return "nifti"
+    if suffix in ZARR_SUFFIXES:
+        return "zarr"
     raise VolumeError(
-        f"{path}: unknown file type {suffix or '(no suffix)'!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        f"{path}: unknown file type {suffix or '(no suffix)'!r}; supported: {', '.join(VOLUME_SUFFIXES)}"
     )
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
-    """True for a visible, complete file with a supported suffix (temp ``.partial-`` files excluded)."""
+    """True for a visible, complete volume name with a supported suffix (temp ``.partial-`` ones excluded).
+
+    OME-Zarr stores (``.zarr``, ``.ome.zarr``) count too: they are folders.
+    """
     name = Path(path).name
-    return (
-        not name.startswith(".") and PARTIAL_MARKER not in name and volume_suffix(name) in SUPPORTED_SUFFIXES
-    )
+    return not name.startswith(".") and PARTIAL_MARKER not in name and volume_suffix(name) in VOLUME_SUFFIXES
+
+
+def volume_exists(path: str | os.PathLike) -> bool:
+    """A file, or for the OME-Zarr suffixes a folder, at ``path``."""
+    path = Path(path)
+    return path.is_dir() if volume_suffix(path) in ZARR_SUFFIXES else path.is_file()
 
 
 def find_volumes(folder: str | os.PathLike) -> list[Path]:
-    """Sorted volume files in ``folder`` (not recursive); raise VolumeError if there are none."""
+    """Sorted volumes in ``folder`` (files, and OME-Zarr folders; not recursive); VolumeError if none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise VolumeError(f"{folder}: folder does not exist")
-    found = sorted(p for p in folder.iterdir() if p.is_file() and is_volume_file(p))
+    found = sorted(p for p in folder.iterdir() if is_volume_file(p) and volume_exists(p))
     if not found:
-        raise VolumeError(f"{folder}: no volume files found (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+        raise VolumeError(f"{folder}: no volume files found (supported: {', '.join(VOLUME_SUFFIXES)})")
     return found
 
 
@@ -160,19 +176,25 @@ def open_volume(
     *,
     allow_2d: bool = False,
     check_finite: bool = True,
+    level: int = 0,
 ) -> Volume:
     """Open a volume as (z, y, x) without reading it whole where the format allows.
 
     ``voxel_size_nm`` (a float or a (z, y, x) tuple) overrides the header. ``allow_2d`` returns a
     single image as shape (1, y, x) instead of refusing it. ``check_finite`` scans float data slab by
-    slab and refuses NaN/inf (set False to open headers only).
+    slab and refuses NaN/inf (set False to open headers only). ``level`` is the resolution level of an
+    OME-Zarr store (0: the highest); the other formats have one level and ignore it.
     """
     path = Path(path)
     fmt = _format_of(path)
     override = _voxel_tuple(voxel_size_nm, path) if voxel_size_nm is not None else None
-    if not path.is_file():
+    if fmt == "zarr" and not path.is_dir():
+        what = "is a file; an OME-Zarr store is a folder" if path.exists() else "folder does not exist"
+        raise VolumeError(f"{path}: {what}")
+    if fmt != "zarr" and not path.is_file():
         raise VolumeError(f"{path}: file does not exist")
-    reader = {"mrc": _read_mrc, "tiff": _read_tiff, "nifti": _read_nifti}[fmt]
+    readers = {"mrc": _read_mrc, "tiff": _read_tiff, "nifti": _read_nifti}
+    reader = partial(_read_zarr, level=level) if fmt == "zarr" else readers[fmt]
     try:
         with warnings.catch_warnings():
             if override is not None:  # the header's voxel size is not used: no warning about it
@@ -182,9 +204,8 @@ def open_volume(
         raise
     except Exception as err:  # format libraries raise many types; callers get one, naming the file
         hint = "; the file is shorter than its header says (truncated?)" if "mmap length" in str(err) else ""
-        raise VolumeError(
-            f"{path}: cannot read as {fmt.upper()} ({type(err).__name__}: {err}){hint}"
-        ) from err
+        name = "OME-Zarr" if fmt == "zarr" else fmt.upper()
+        raise VolumeError(f"{path}: cannot read as {name} ({type(err).__name__}: {err}){hint}") from err
     data = _as_stack(data, path, allow_2d)
     if data.dtype.kind not in "iuf":
         raise VolumeError(f"{path}: unsupported data type {data.dtype} (need integer or real float data)")
@@ -225,8 +246,9 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
     bad: list[int] = []
     slice_bytes = data[0].nbytes
     for start, stop in iter_slabs(data.shape[0], slice_bytes):
-        ok = np.isfinite(data[start:stop]).all(axis=(1, 2))
-        release_pages(data[start:stop])
+        block = data[start:stop]  # once: indexing an OME-Zarr store reads it
+        ok = np.isfinite(block).all(axis=(1, 2))
+        release_pages(block)
         bad.extend(int(start + i) for i in np.flatnonzero(~ok))
     if bad:
         raise VolumeError(
@@ -385,6 +407,12 @@ def _ome_voxel_size(xml: str, is_2d: bool) -> VoxelSize | None:
     return _clean_voxel(sizes)  # type: ignore[arg-type]
 
 
+def _read_zarr(path: Path, level: int = 0) -> tuple[Any, VoxelSize | None, tuple | None]:
+    from scripts.io.omezarr import read_omezarr  # imported when needed: it imports this module
+
+    return read_omezarr(path, level)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, VoxelSize | None, tuple | None]:
     img = nib.load(str(path))
     header = img.header
@@ -440,11 +468,16 @@ def bytes_to_write(path: str | os.PathLike, shape: Sequence[int], dtype: Any) ->
     path = Path(path)
     fmt = _format_of(path)
     shape = tuple(int(n) for n in shape)
-    data = int(np.prod(shape)) * _target_dtype(fmt, np.dtype(dtype), path).itemsize
+    itemsize = _target_dtype(fmt, np.dtype(dtype), path).itemsize
+    data = int(np.prod(shape)) * itemsize
     if fmt == "mrc":
         total = data + 1024
     elif fmt == "tiff":
         total = data + 4096 + 512 * shape[0]  # one IFD per slice
+    elif fmt == "zarr":  # compressed, but incompressible data would not shrink: counted uncompressed
+        from scripts.io.omezarr import zarr_bytes_to_write
+
+        total = zarr_bytes_to_write(shape, itemsize)  # type: ignore[arg-type]
     else:  # buffer, then the file nibabel writes (gzip can grow incompressible data a little)
         total = data + data + data // 100 + 4096
     block = 64 * 1024
@@ -612,8 +645,15 @@ class _NiftiSink:
         self.buffer_path.unlink(missing_ok=True)
 
 
-# The format sinks behind SliceWriter (each a scripts.io.sinks.Sink writing a temporary file).
-_SINKS: dict[str, Callable[..., Sink]] = {"mrc": _MrcSink, "tiff": _TiffSink, "nifti": _NiftiSink}
+def _zarr_sink(*args: Any) -> Sink:
+    from scripts.io.omezarr import OmeZarrSink  # imported when needed: it imports this module
+
+    return OmeZarrSink(*args)
+
+
+# The format sinks behind SliceWriter (each a scripts.io.sinks.Sink writing a temporary file or folder).
+_SINKS: dict[str, Callable[..., Sink]] = {"mrc": _MrcSink, "tiff": _TiffSink, "nifti": _NiftiSink,
+                                          "zarr": _zarr_sink}
 
 
 class SliceWriter:
@@ -622,7 +662,8 @@ class SliceWriter:
     ``with SliceWriter(path, shape, dtype, voxel_size_nm, like=vol) as w: w.write(z0, block)``.
     Blocks are (n, y, x) (or one (y, x) slice) and may come in any order; every slice must be written
     exactly once or more before the ``with`` ends. MRC and TIFF are written through a memory map of the
-    output file itself; NIfTI goes through a temporary memmap buffer next to it, then nibabel.
+    output file itself; NIfTI goes through a temporary memmap buffer next to it, then nibabel; OME-Zarr
+    (a folder) chunk by chunk as blocks arrive (``scripts.io.omezarr``).
     On an exception nothing is left behind. Also a :class:`~scripts.io.sinks.Sink` (``close``/``abort``
     for callers that do not use ``with``).
     """
