@@ -194,7 +194,8 @@ def test_shipped_weights_segment_a_simulated_tomogram(tmp_path):
         assert pred_file.voxel_size == gt_file.voxel_size
     assert tifffile.imread(out / f"{label_path.stem}_mask.tif").shape == truth.shape
     dice = 2 * (truth & pred).sum() / (truth.sum() + pred.sum())
-    # Measured 0.677 with the shipped weights; marking everything as membrane gives about 0.19.
+    # Measured 0.603 with the shipped weights (0.677 with the bessy-only ones they replaced); marking
+    # everything as membrane gives about 0.19.
     assert dice > 0.5, f"Dice {dice:.3f}"
 
 
