@@ -40,3 +40,15 @@ def weights(tmp_path: Path) -> Path:
     path = tmp_path / "w4.pt"
     torch.save(DoubleDecoderNet(width=4).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process forward passes on one thread: the CPU is shared, and oversubscribed threads make
+    them many times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -45,13 +45,7 @@ def _smooth(shape: tuple[int, int]) -> torch.Tensor:
     return (torch.sin(6 * yy) * torch.cos(5 * xx) + 0.5 * yy)[None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The CPU is shared: oversubscribed threads make the in-process predictions many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

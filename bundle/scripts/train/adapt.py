@@ -32,6 +32,7 @@ from scripts.train.dataset import list_training_data, slice_items, slice_items_u
 from scripts.train.labels import label_to_target
 from scripts.train.metadata import WeightsMetadataWriter
 from scripts.train.metrics import label_counts, label_scores
+from scripts.train.slices import VolumeCache
 from scripts.train.workflow import prepare_data, standardise
 
 __all__ = ["ADAPTED", "REPORT", "AdaptationReport", "adaptation_data", "source_dataset"]
@@ -115,11 +116,12 @@ def _tomogram_errors(network: torch.nn.Module, volumes: Sequence[Path], slices: 
 def _dice(network: torch.nn.Module, items: Sequence[Mapping[str, Any]], device: torch.device) -> float:
     """Dice (tanh > 0) over the annotated pixels of ``items`` (slice items of labeled tomograms)."""
     counts = torch.zeros(7, dtype=torch.float64)
+    volumes = VolumeCache(4)  # items come slice by slice: open each tomogram once
     for item in items:
         z = int(item["z"])
-        image = standardise(np.asarray(open_volume(item["image"], check_finite=False).data[z], np.float32))
-        target, mask = label_to_target(np.asarray(open_volume(item["label"], check_finite=False).data[z]),
-                                       str(item["label"]), z)
+        image = standardise(np.asarray(volumes.get(str(item["image"])).data[z], np.float32))
+        label_path = str(item["label"])
+        target, mask = label_to_target(np.asarray(volumes.get(label_path).data[z]), label_path, z)
         out = network(torch.from_numpy(image)[None, None].to(device))
         label = out[0] if isinstance(out, tuple) else out
         counts += label_counts(label.cpu(), torch.from_numpy(target)[None, None],
