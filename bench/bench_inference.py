@@ -3,6 +3,7 @@
     python bench/bench_inference.py                       # everything but --big (long: width 64 is slow)
     python bench/bench_inference.py --widths 8 --size 512x512 --repeats 2 --memory-slices 20,40 --no-seams
     python bench/bench_inference.py --only memory --big   # + the 400 x 1324 x 1284 tomogram (2.7 GB)
+    python bench/bench_inference.py --device cuda         # GPU: bench/bench_gpu.py (precisions, end to end)
 
 Sections: (a) the machine's float32 matrix-multiply peak (torch.mm, all threads, measured in this run);
 (b) slices/s and achieved GFLOP/s per width and optimisation level (FLOPs of the *original* network from
@@ -523,8 +524,15 @@ def main() -> None:
     parser.add_argument("--big-shape", default="400,1324,1284")
     parser.add_argument("--big-range", default=None, help="z0,z1: segment only these slices of the big file")
     parser.add_argument("--settings-rounds", type=int, default=2, help="rounds of the process-settings A/B")
+    parser.add_argument("--device", default="cpu", help="cuda: the GPU figures of bench/bench_gpu.py instead")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        import bench_gpu
+
+        sys.argv = [sys.argv[0]]  # bench_gpu's own defaults: width 64, 350 x 1324 x 1284
+        bench_gpu.main()
+        return
     if args.child is not None:
         child_time(args.child, (1, 1, *args.size), repeats=2)
         return

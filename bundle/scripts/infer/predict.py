@@ -7,6 +7,11 @@ matching (slices resampled to the weights' voxel size, ``scripts.infer.resample`
 Speed (docs/performance.md): the network runs as an inference-only fused copy (BatchNorm folded into
 the convs, linear convs merged, ReLUs in the conv) in channels_last layout, optionally compiled with
 ``torch.compile``. The fused copy gives the eager network's outputs to float32 rounding.
+
+Memory: a budget (``memory_budget_gb``, or a default from the free memory) decides per slice shape the
+window, the slices per forward pass and the tensors kept between layers (``scripts.infer.memory``);
+when a pass still runs out of memory the predictor retries with half the budget.
+On a GPU the slices are standardised on the device and AMP runs in float16 or bfloat16.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import NormalizeIntensity
 from torch import nn
 
+from scripts.infer.memory import GIB, RUNTIME_BYTES, MemoryPlan, default_budget_bytes, plan_memory
 from scripts.infer.resample import VoxelMatch, match_voxel_size, resample_slices, resampled_size
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
@@ -31,7 +37,11 @@ from scripts.options import as_bool, as_optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SlicePrediction", "SlicePredictor", "window_size"]
+__all__ = ["SlicePrediction", "SlicePredictor", "window_size", "amp_dtype", "compile_mode"]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# How often a pass that ran out of memory is retried with half the budget.
+OOM_RETRIES = 4
 
 
 @dataclass
@@ -81,15 +91,19 @@ class SlicePredictor:
         match_voxel_size: resample slices whose voxel size differs from it by more than 10 %
             (:meth:`voxel_match` decides per tomogram, :meth:`predict` takes the scale).
         device: where the network runs.
-        amp: autocast to bfloat16 (CPU) / float16 (CUDA); float32 when False.
+        amp: autocast: True (bfloat16 on CPU, float16 on CUDA), "float16", "bfloat16"; False: float32.
         channels_last: run in channels_last (NHWC) memory format, oneDNN's and cuDNN's fast layout.
         fuse: run a fused inference-only copy of a ``DoubleDecoderNet`` (see ``scripts.network.fusion``).
         compile: ``torch.compile`` the network at the first batch (seconds to minutes; each new slice
-            shape compiles again). Slower than the default fused path on the CPUs measured
-            (docs/performance.md); untested on GPUs.
+            shape compiles again): True, or a mode ("reduce-overhead" adds CUDA graphs,
+            "max-autotune"). Slower than the default fused path on the CPUs measured
+            (docs/performance.md).
         reuse_buffers: on CPU, the fused network keeps tensors between layers and slices (faster: no
             page faults on fresh memory; see ``scripts.network.buffers``; about 1.4 GB at width 8 on
-            1328 x 1296).
+            1328 x 1296), as much as the memory budget leaves.
+        memory_budget_gb: memory prediction may use, weights included (None: 80 % of the free GPU
+            memory; on the CPU half the free memory, at most 4 GiB). Picks the window, the slices per
+            pass (``sw_batch_size``, up to the batch) and the kept tensors; the choice is logged.
 
     ``predict(slices)`` takes a ``(B, H, W)`` array of raw slices (any dtype) and returns a
     :class:`SlicePrediction`. Each slice is standardised on its own (zero mean, unit SD), as in training.
@@ -112,6 +126,7 @@ class SlicePredictor:
         fuse: bool = True,
         compile: bool = False,
         reuse_buffers: bool = True,
+        memory_budget_gb: float | str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
@@ -125,11 +140,16 @@ class SlicePredictor:
         self.weights_voxel_size_nm = float(voxel) if voxel is not None else None
         self.match_voxel_size = as_bool(match_voxel_size, "match_voxel_size")
         self._warned: set[str] = set()
-        self.amp = as_bool(amp, "amp")
+        self.amp_dtype = amp_dtype(amp, self.device)
+        self.amp = self.amp_dtype is not None
         self.channels_last = as_bool(channels_last, "channels_last")
         self.fuse = as_bool(fuse, "fuse")
-        self.compile = as_bool(compile, "compile")
+        self.compile_mode = compile_mode(compile)
+        self.compile = self.compile_mode is not None
         self.reuse_buffers = as_bool(reuse_buffers, "reuse_buffers")
+        self.memory_budget_gb = _budget(memory_budget_gb)
+        self._plans: dict[tuple[int, int, int], MemoryPlan] = {}
+        self._user_overlap = getattr(self.inferer, "overlap", 0.25)
         self._model: nn.Module | None = None
         self._lock = threading.Lock()  # the fused network's reused buffers allow one call at a time
         # Slices stacked along the first axis are "channels" here: channel-wise = per slice.
@@ -149,6 +169,8 @@ class SlicePredictor:
     def _build(self) -> nn.Module:
         start = time.perf_counter()
         model = self.network
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # slice shapes repeat: pick the fastest conv once
         if self.fuse and isinstance(model, DoubleDecoderNet):
             reuse = self.reuse_buffers and self.device.type == "cpu"
             model = fuse_for_inference(model, channels_last=self.channels_last, reuse_buffers=reuse)
@@ -158,16 +180,74 @@ class SlicePredictor:
         if self.compile:
             # Freezing lets inductor constant-fold and pre-pack the conv weights (CPU).
             options = {"freezing": True} if self.device.type == "cpu" else None
-            model = torch.compile(model, dynamic=False, options=options)
+            mode = None if self.compile_mode == "default" or options else self.compile_mode
+            model = torch.compile(model, dynamic=False, options=options, mode=mode)
         logger.debug("inference network ready in %.2f s", time.perf_counter() - start)
         return model
 
-    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _weights_bytes(self) -> int:
+        """The eager network and, when fused, its copy."""
+        tensors = (*self.network.parameters(), *self.network.buffers())
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        return size * (2 if self.fuse else 1)
+
+    def memory_plan(self, slice_shape: Sequence[int], slices: int = 1) -> MemoryPlan:
+        """The window, slices per pass and kept tensors for ``slices`` slices of ``slice_shape`` (logged
+        the first time a shape is seen)."""
+        key = (int(slice_shape[0]), int(slice_shape[1]), int(slices))
+        if key not in self._plans:
+            budget = (
+                int(self.memory_budget_gb * GIB)
+                if self.memory_budget_gb is not None
+                else default_budget_bytes(self.device)
+            )
+            self._plans[key] = self._plan(key, budget)
+            logger.info("memory plan for %s", self._plans[key].describe(key[:2]))
+        return self._plans[key]
+
+    def _plan(self, key: tuple[int, int, int], budget: int) -> MemoryPlan:
+        limit = self.max_window
+        limits = (limit, limit) if isinstance(limit, int) else tuple(int(v) for v in limit)
+        return plan_memory(
+            key[:2],
+            getattr(self.network, "width", 64),
+            budget,
+            self._weights_bytes(),
+            max_slices=key[2] if self.device.type == "cuda" else 1,
+            half=self.amp and self.device.type == "cuda",
+            keep_tensors=self.fuse and self.reuse_buffers and self.device.type == "cpu",
+            max_window=limits,
+            runtime_bytes=RUNTIME_BYTES if self.device.type == "cpu" else 0,
+        )
+
+    def _apply(self, plan: MemoryPlan, slice_shape: Sequence[int]) -> None:
         if isinstance(self.inferer, SlidingWindowInferer):
-            self.inferer.roi_size = window_size(batch.shape[-2:], self.max_window)
+            self.inferer.roi_size = plan.window
+            # The user's overlap where their max_window asked for tiles, else the plan's halo.
+            self.inferer.overlap = self._user_overlap if plan.overlap is None else plan.overlap
+            self.inferer.sw_batch_size = plan.slices_per_pass
+        set_limit = getattr(self.model, "set_kept_bytes", None)
+        if set_limit is not None:
+            set_limit(plan.kept_bytes)
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shape = tuple(batch.shape[-2:])
+        plan = self.memory_plan(shape, batch.shape[0])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        out = self.inferer(batch, self.model)
+        for attempt in range(OOM_RETRIES + 1):
+            self._apply(plan, shape)
+            try:
+                out = self.inferer(batch, self.model)
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _out_of_memory(err) or attempt == OOM_RETRIES:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                key = (*shape, int(batch.shape[0]))
+                plan = self._plans[key] = self._plan(key, plan.budget_bytes // 2)
+                logger.warning("out of memory on %s; retrying with %s", self.device, plan.describe(shape))
         if isinstance(out, (tuple, list)):
             return out[0], out[1]
         return out, None
@@ -199,13 +279,18 @@ class SlicePredictor:
         return SlicePrediction(*back)
 
     def _predict(self, slices: torch.Tensor) -> SlicePrediction:
-        batch = torch.as_tensor(self.normalize(slices))
-        batch = batch.unsqueeze(1).to(self.device)  # (B, 1, H, W)
+        if self.device.type == "cpu":
+            batch = torch.as_tensor(self.normalize(slices))
+        else:  # copied as they are (pinned: asynchronous), standardised on the device
+            raw = slices.pin_memory() if self.device.type == "cuda" else slices
+            batch = self.normalize(raw.to(self.device, non_blocking=True))
+            batch = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
+        batch = batch.unsqueeze(1)  # (B, 1, H, W)
         variants = DIHEDRAL if self.tta else DIHEDRAL[:1]
         # -x after standardisation: exactly the standardised negative of the raw slice.
         signs = (1.0, -1.0) if self.tta_polarity else (1.0,)
         labels, images, raw = [], [], []
-        autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.amp)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp)
         with self._lock, autocast:
             for k, flip in variants:
                 pair_labels, pair_images = [], []
@@ -229,5 +314,48 @@ def _pair_mean(pair: list[torch.Tensor]) -> torch.Tensor:
     return pair[0] if len(pair) == 1 else (pair[0] + pair[1]) / 2
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
+def amp_dtype(amp: object, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the ``amp`` option: None (float32), float16 or bfloat16."""
+    names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}  # fmt: skip
+    if isinstance(amp, str) and amp.strip().lower() in names:
+        return names[amp.strip().lower()]
+    try:
+        enabled = as_bool(amp, "amp")
+    except ValueError:
+        raise ValueError(f"amp must be true, false, 'float16' or 'bfloat16', got {amp!r}") from None
+    if not enabled:
+        return None
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def compile_mode(value: object) -> str | None:
+    """The ``compile`` option as a ``torch.compile`` mode ("default" for true), or None (off)."""
+    if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
+        return value.strip().lower()
+    try:
+        return "default" if as_bool(value, "compile") else None
+    except ValueError:
+        modes = list(COMPILE_MODES)
+        raise ValueError(f"compile must be true, false or one of {modes}, got {value!r}") from None
+
+
+def _budget(value: object) -> float | None:
+    value = as_optional(value)
+    if value is None:
+        return None
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        budget = -1.0
+    if not budget > 0:
+        raise ValueError(f"memory_budget_gb must be a number of GiB > 0 or null (automatic), got {value!r}")
+    return budget
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text

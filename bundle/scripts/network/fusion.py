@@ -82,7 +82,9 @@ def _affine_after(lin: _Lin, scale: torch.Tensor, shift: torch.Tensor) -> _Lin:
 def _affine_before(lin: _Lin, scale: torch.Tensor, shift: torch.Tensor) -> _Lin:
     # Exact only without padding between the affine map and the conv (padding zeros are not mapped).
     assert lin.is_pointwise, "a BN can only be folded forward into an unpadded 1x1 conv"
-    bias = lin.bias if lin.bias is not None else torch.zeros(lin.weight.shape[0], dtype=torch.float64)
+    bias = lin.bias
+    if bias is None:
+        bias = torch.zeros(lin.weight.shape[0], dtype=torch.float64, device=lin.weight.device)
     return _Lin(lin.weight * scale[None, :, None, None], bias + lin.weight[:, :, 0, 0] @ shift, lin.pad)
 
 
@@ -120,7 +122,9 @@ class FusedConv(nn.Module):
             pad = pad if not any(lin.pad) else lin.pad
         left, right, top, bottom = pad
         # The chain is affine: its response to zeros on a minimal image is the exact bias everywhere.
-        zeros = torch.zeros(1, weight.shape[1], top + 1 + bottom, left + 1 + right, dtype=torch.float64)
+        zeros = torch.zeros(
+            1, weight.shape[1], top + 1 + bottom, left + 1 + right, dtype=torch.float64, device=weight.device
+        )
         bias_map = _run(chain, zeros)[0]
         interior = bias_map[:, top, left]
         delta = bias_map - interior[:, None, None]
@@ -277,6 +281,7 @@ class FusedResidual(nn.Module):
         a = self.first(x)
         h = self.second(a)
         give_back(self.pool, a)
+        del a  # without a pool: freed before the output buffer is allocated (lower peak memory)
         dtype = torch.promote_types(x.dtype, h.dtype)  # autocast may leave x and h in different dtypes
         scale, shift = self.scale.to(dtype), self.shift.to(dtype)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -410,8 +415,11 @@ class FusedDecoder(nn.Module):
         self.final = _bottleneck_act(decoder.final_conv, decoder.final_act, max_ratio)
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor] | None = None) -> torch.Tensor:
-        for i, (up, stage) in enumerate(zip(self.up, self.stages, strict=True)):
-            x = stage(up(x, None if skips is None else skips[i]))  # up writes [skip, upsampled]
+        """``skips`` deepest first; the list is emptied as they are used, so each skip can be freed
+        once it is copied into its stage's buffer (the full-resolution one is 2 * width channels)."""
+        for up, stage in zip(self.up, self.stages, strict=True):
+            x = up(x, None if skips is None else skips.pop(0))  # up writes [skip, upsampled]
+            x = stage(x)  # the previous x is dropped first
         return self.final(x)
 
 
@@ -439,6 +447,14 @@ class FusedDoubleDecoderNet(nn.Module):
             chain[0] = _affine_before(chain[0], *_bn_affine(head.norm))
             self.label_head = LinearStack(chain, relu=False, max_ratio=max_ratio)
 
+    budgets: tuple[BufferBudget, ...] = ()
+
+    def set_kept_bytes(self, limit: int) -> None:
+        """Cap the kept tensors (concatenation buffers and pool, half each); 0 keeps none from now on.
+        Tensors kept already stay until their shape changes."""
+        for budget in self.budgets:
+            budget.limit = int(limit) // max(1, len(self.budgets))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[-2], x.shape[-1]
         x = pad_to_grid(x, self.pad_mode)  # the network's own padding to a multiple of 16
@@ -446,14 +462,18 @@ class FusedDoubleDecoderNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
         bottom, skips = self.encoder(x)
+        del x  # the padded input
         features = self.neck(bottom)
         give_back(self.pool, bottom)
+        del bottom
         outputs = []
         if self.outputs != "image":
-            decoded = self.label_decoder(features, skips[::-1])
+            skips.reverse()  # deepest first; the decoder empties the list
+            decoded = self.label_decoder(features, skips)
             head = self.label_head(decoded)
             label = torch.tanh(head)
             give_back(self.pool, decoded, head)
+            del decoded, head  # not kept alive while the image decoder runs
             outputs.append(label[..., top : top + height, left : left + width])
         if self.outputs != "label":
             decoded = self.image_decoder(features)
@@ -500,6 +520,7 @@ def fuse_for_inference(
         if isinstance(module, (FusedConv, ConvChain, FusedResidual, FusedEncoder, FusedNeck)):
             module.pool = pool
     fused.pool = pool
+    fused.budgets = (budget, pool.budget) if reuse_buffers else ()
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
         fused.channels_last = True
