@@ -5,6 +5,10 @@ Both the folder segmenter (``scripts.infer.workflow``) and MONAI Label's infer t
 the release of memory-mapped pages and voxel-size matching (each batch resampled to the weights'
 voxel size and back, ``scripts.infer.resample``). Whole-volume post-processing (removing small 3D
 objects) needs the whole mask and is left to the caller, which owns the mask's storage.
+
+By default the next batches are read and the previous ones post-processed and written in two threads
+beside the network (``scripts.infer.pipeline``); ``overlap_io=False`` runs the same three steps one
+after the other, with the same outputs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from scripts.infer.pipeline import run_overlapped
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePrediction, SlicePredictor
 from scripts.infer.resample import VoxelMatch
@@ -62,6 +67,16 @@ def _block(kind: str, prediction: SlicePrediction | None, shape: tuple[int, ...]
     return prediction.variance.numpy().astype(np.float16)
 
 
+def _read(volume: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Slices ``[start, stop)`` in memory; a memory map's pages are handed back at once."""
+    view = volume[start:stop]  # indexed once: an OME-Zarr stack reads its chunks on each index
+    if not isinstance(view, np.memmap):
+        return np.asarray(view)  # already in memory (a zarr read, an array)
+    data = np.array(view)  # an own copy: the mapped pages can go now, not when the network is done
+    release_pages(view)
+    return data
+
+
 def segment_volume(
     volume: np.ndarray,
     predictor: SlicePredictor,
@@ -74,6 +89,7 @@ def segment_volume(
     probability: str | None = "uint8",
     progress: str | None = None,
     voxel_match: VoxelMatch | None = None,
+    overlap_io: bool = True,
 ) -> int:
     """Segment slices ``[z0, z1)`` of a (z, y, x) ``volume`` and write every output kind to its sinks.
 
@@ -92,6 +108,9 @@ def segment_volume(
         voxel_match: ``predictor.voxel_match(volume's voxel size)``; when it says ``resampled``, each
             batch runs at the weights' voxel size and its outputs come back on the volume's grid.
             None: slices as they are.
+        overlap_io: read the next batches and post-process and write the previous ones in two threads
+            while the network runs (``scripts.infer.pipeline``); the outputs are the same either way.
+            Each sink still receives its blocks in increasing z, from one thread at a time.
 
     Returns:
         The foreground voxel count of the mask written (before any whole-volume clean-up).
@@ -104,21 +123,40 @@ def segment_volume(
     bar = tqdm(total=todo, desc=progress, unit="slice", disable=progress is None, leave=False)
     scale = voxel_match.scale if voxel_match is not None and voxel_match.resampled else None
     foreground = 0
-    for start, stop in _blocks(start_z, stop_z, batch_size, z0, z1):
+
+    def read(block: tuple[int, int]) -> np.ndarray | None:
+        start, stop = block
+        return _read(volume, start, stop) if start >= z0 and stop <= z1 else None  # None: zeros
+
+    def compute(block: tuple[int, int], batch: np.ndarray | None) -> SlicePrediction | None:
+        if batch is None:
+            return None
+        prediction = predictor.predict(batch, scale)
+        trim_heap()
+        bar.update(block[1] - block[0])
+        return prediction
+
+    def write(block: tuple[int, int], prediction: SlicePrediction | None) -> None:
+        nonlocal foreground
+        start, stop = block
         shape = (stop - start, *volume.shape[1:])
-        if start >= z0 and stop <= z1:
-            batch = volume[start:stop]  # indexed once: an OME-Zarr stack reads its chunks on each index
-            prediction = predictor.predict(np.asarray(batch), scale)
-            release_pages(batch)  # a memory map's pages; a no-op for arrays read into memory
-            trim_heap()
-            mask = postprocessing.slices(prediction.label.numpy())
-            bar.update(stop - start)
+        if prediction is None:
+            mask = np.zeros(shape, np.uint8)
         else:
-            prediction, mask = None, np.zeros(shape, np.uint8)
+            mask = postprocessing.slices(prediction.label.numpy())
         foreground += int(mask.sum())
         for kind, kind_sinks in sinks.items():
-            block = mask if kind == "mask" else _block(kind, prediction, shape, probability)
+            out = mask if kind == "mask" else _block(kind, prediction, shape, probability)
             for sink in kind_sinks:
-                sink.write(start, block)
-    bar.close()
+                sink.write(start, out)
+
+    blocks = _blocks(start_z, stop_z, batch_size, z0, z1)
+    try:
+        if overlap_io:
+            run_overlapped(blocks, read, compute, write)
+        else:
+            for block in blocks:
+                write(block, compute(block, read(block)))
+    finally:
+        bar.close()
     return foreground

@@ -83,6 +83,8 @@ class TomogramSegmenter:
             scorer with 0 slices: off.
         zarr_level: the resolution level read from OME-Zarr inputs (0: the highest; other formats
             have one level).
+        overlap_io: read and write in two threads beside the network (``segment_volume``); False: one
+            step after the other. The outputs are the same.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class TomogramSegmenter:
         distribute: str = "auto",
         ood: ReconstructionScorer | None = None,
         zarr_level: int | str = 0,
+        overlap_io: bool | str = True,
     ) -> None:
         names = as_names(formats, "formats")  # "[ome.zarr, mrc]" and "mrc" arrive as strings from the CLI
         if not names or any(f not in SUFFIXES for f in names):
@@ -128,6 +131,7 @@ class TomogramSegmenter:
         self.distribute = distribute
         self.ood = ood if ood is not None and ood.enabled else None
         self.zarr_level = _level(zarr_level)
+        self.overlap_io = as_bool(overlap_io, "overlap_io")
 
     # ----------------------------------------------------------------------------------- outputs
     def _outputs(self, stem: str) -> dict[str, list[Path]]:
@@ -311,6 +315,7 @@ class TomogramSegmenter:
             volume.data, self.predictor, self.post, writers, z_range, extent=extent,
             batch_size=self.batch_size, probability=self.probability,
             progress=volume.path.name if self.progress else None, voxel_match=match,
+            overlap_io=self.overlap_io,
         )  # fmt: skip
 
     def _copy_staged(
