@@ -41,14 +41,19 @@ def synced(step) -> float:
     return time.perf_counter() - start
 
 
-def bench_precisions(width: int, size: tuple[int, int], batch: int, repeats: int, compile_too: bool) -> float:
-    """(a) + (c): seconds per slice of the predictor per mode; returns the float16 figure."""
+MODES = {
+    "float32": ("float32 (TF32 convs)", {}),
+    "float16": ("float16 AMP", {"amp": "float16"}),
+    "bfloat16": ("bfloat16 AMP", {"amp": "bfloat16"}),
+    "compile": ("float16 AMP + torch.compile", {"amp": "float16", "compile": True}),
+}
+
+
+def bench_precisions(width: int, size: tuple[int, int], batch: int, repeats: int, names: list[str]) -> float:
+    """(a) + (c): seconds per slice of the predictor per mode; returns the first mode's figure."""
     net = network(width)
     slices = realistic_slices(*size, count=batch)
-    modes = {"float32 (TF32 convs)": {}, "float16 AMP": {"amp": "float16"}}
-    modes["bfloat16 AMP"] = {"amp": "bfloat16"}
-    if compile_too:
-        modes["float16 AMP + torch.compile"] = {"amp": "float16", "compile": True}
+    modes = dict(MODES[name] for name in names)
     weights = "shipped weights" if width == 8 else "random init"
     print(f"\n== (a) SlicePredictor on cuda, width {width} ({weights}), "
           f"{batch} slices of {size[0]} x {size[1]} per call")  # fmt: skip
@@ -66,11 +71,11 @@ def bench_precisions(width: int, size: tuple[int, int], batch: int, repeats: int
               f"plan estimate {plan.estimate_bytes / GIB:.1f} GiB")  # fmt: skip
         del predictor
         torch.cuda.empty_cache()
-    reference = labels["float32 (TF32 convs)"] > 0
+    first, reference = next(iter(labels.items()))
     for name, label in labels.items():
-        agree = ((label > 0) == reference).double().mean().item()
-        print(f"  {name:28s} masks agree with float32 on {100 * agree:.3f}% of pixels")
-    return per_slice["float16 AMP"]
+        agree = ((label > 0) == (reference > 0)).double().mean().item()
+        print(f"  {name:28s} masks agree with {first} on {100 * agree:.3f}% of pixels")
+    return next(iter(per_slice.values()))
 
 
 def bench_end_to_end(
@@ -89,27 +94,28 @@ def bench_end_to_end(
         write_mrc(data / "tomo.mrc", (depth, *size), realistic_slices(*size, count=4))
         gib = depth * size[0] * size[1] * 4 / GIB
         print(f"  input written in {time.perf_counter() - start:.1f} s ({gib:.2f} GiB)")
-        for run in range(2):  # the second run finds the file in the page cache, as a re-run would
+        runs = {"I/O beside the network": [], "I/O one step after the other": ["--overlap_io", "false"]}
+        for run, (name, extra) in enumerate(runs.items()):  # the input is in the page cache for both
             out = tmp / f"out{run}"
             cmd = [
                 sys.executable, "-m", "monai.bundle", "run", "inference",
                 "--config_file", str(REPO / "bundle" / "configs" / "inference.json"),
                 "--dataset_dir", str(data), "--output_dir", str(out), "--weights", str(weights),
-                "--width", str(width), "--amp", amp, "--batch_size", str(batch), "--formats", formats,
+                "--width", str(width), "--amp", amp, "--batch_size", str(batch), "--formats", formats, *extra,
             ]  # fmt: skip
             start = time.perf_counter()
             result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             wall = time.perf_counter() - start
             if result.returncode != 0:
                 print(result.stderr[-3000:])
-                print(f"  run {run}: FAILED (exit {result.returncode})")
+                print(f"  {name}: FAILED (exit {result.returncode})")
                 continue
             summary = json.loads((out / "tomo_summary.json").read_text())
             log = (result.stdout + result.stderr).splitlines()  # the bundle logs to stdout
             plans = [line.split("memory plan for ", 1)[1] for line in log
                      if "memory plan for" in line]  # fmt: skip
             seconds = summary["seconds"]
-            print(f"  run {run}: {wall:.1f} s wall (process start, imports, CUDA init included); "
+            print(f"  {name}: {wall:.1f} s wall (process start, imports, CUDA init included); "
                   f"{seconds:.1f} s segmenting ({seconds / depth * 1000:.1f} ms/slice), "
                   f"device {summary['device']}; plan: {plans[0] if plans else '?'}")  # fmt: skip
 
@@ -123,7 +129,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=350)
     parser.add_argument("--batch", type=int, default=8, help="slices per predictor call / bundle batch_size")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to build)")
+    parser.add_argument("--modes", default="float32,float16,bfloat16",
+                        help=f"(a)'s modes among {list(MODES)}; the first is the reference")  # fmt: skip
     parser.add_argument("--formats", default="[mrc,tif]")
     parser.add_argument("--amp", default="float16")
     parser.add_argument("--only", choices=["precision", "end-to-end"], default=None)
@@ -137,10 +144,12 @@ def main() -> None:
           f"{free / GIB:.0f} of {total / GIB:.0f} GiB free; cudnn {torch.backends.cudnn.version()}, "
           f"TF32 convs {torch.backends.cudnn.allow_tf32}")  # fmt: skip
     if args.only in (None, "precision"):
+        modes = args.modes.split(",")
         if args.agreement_width:
-            bench_precisions(args.agreement_width, size, args.batch, args.repeats, False)
-        network_ms = bench_precisions(args.width, size, args.batch, args.repeats, args.compile)
-        print(f"  network alone at float16: {network_ms * args.depth:.1f} s for {args.depth} slices")
+            bench_precisions(args.agreement_width, size, args.batch, args.repeats, modes)
+        network_s = bench_precisions(args.width, size, args.batch, args.repeats, modes)
+        label = MODES[modes[0]][0]
+        print(f"  network alone, {label}: {network_s * args.depth:.1f} s for {args.depth} slices")
     if args.only in (None, "end-to-end"):
         bench_end_to_end(args.width, args.depth, size, args.batch, args.formats, args.amp)
 

@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 
-# Peak bytes of live activations per (width x padded pixel) of one float32 window in the fused network,
-# measured at widths 16 and 64 on 1328 x 1296 (56-65 B; the larger, for a margin). Half in 16-bit AMP.
-LIVE_BYTES_PER_WIDTH_PIXEL = 65.0
+# Peak bytes of live activations per (width x padded pixel) of one window in the fused network. CPU,
+# float32: measured 56-65 B at widths 16 and 64 on 1328 x 1296 (the larger, for a margin). CUDA on an
+# H200, 8 slices per pass: float32 95-100 B (cuDNN's workspaces), float16/bfloat16 AMP 27-28 B.
+LIVE_BYTES_PER_WIDTH_PIXEL = {("cpu", False): 65.0, ("cpu", True): 65.0, ("cuda", False): 100.0,
+                              ("cuda", True): 35.0}  # fmt: skip
 # The process itself on the CPU (Python, PyTorch, MONAI, the slices in flight), counted in the budget.
 RUNTIME_BYTES = 640 << 20
 # What the fused network keeps between slices when nothing caps it (concatenation buffers and pool), per
@@ -114,10 +116,14 @@ def _padded(side: int) -> int:
     return side + (-side) % 16
 
 
-def estimate_live_bytes(width: int, window: tuple[int, int], slices: int = 1, half: bool = False) -> int:
-    """Peak bytes of activations for ``slices`` windows of ``window`` pixels at network ``width``."""
+def estimate_live_bytes(
+    width: int, window: tuple[int, int], slices: int = 1, half: bool = False, device_type: str = "cpu"
+) -> int:
+    """Peak bytes of activations for ``slices`` windows of ``window`` pixels at network ``width``
+    (``half``: 16-bit AMP)."""
     pixels = _padded(window[0]) * _padded(window[1])
-    return int(LIVE_BYTES_PER_WIDTH_PIXEL * width * pixels * slices * (0.5 if half else 1.0))
+    per = LIVE_BYTES_PER_WIDTH_PIXEL[("cuda" if device_type == "cuda" else "cpu", bool(half))]
+    return int(per * width * pixels * slices)
 
 
 def _tile_window(side: int, tiles: int) -> int:
@@ -148,6 +154,7 @@ def plan_memory(
     keep_tensors: bool = True,
     max_window: tuple[int, int] = (0, 0),
     runtime_bytes: int = 0,
+    device_type: str = "cpu",
 ) -> MemoryPlan:
     """Settings for slices of ``slice_shape`` that fit ``budget_bytes``.
 
@@ -161,15 +168,16 @@ def plan_memory(
         keep_tensors: the CPU path may keep tensors between layers with what is left of the budget.
         max_window: the user's largest window per axis (<= 0: no limit).
         runtime_bytes: what the process holds besides (the CPU budget counts it: RUNTIME_BYTES).
+        device_type: "cpu" or "cuda" (their activations differ in size).
     """
     room = budget_bytes - weights_bytes - runtime_bytes
     height, side = slice_shape
     limits = tuple(s if lim <= 0 else min(s, lim) for s, lim in zip(slice_shape, max_window, strict=True))
     if limits != (height, side):  # the user's own tiles, with the inferer's overlap
         window, overlap = limits, None
-        one = estimate_live_bytes(width, window, 1, half)
+        one = estimate_live_bytes(width, window, 1, half, device_type)
     else:
-        window, overlap, one = _fewest_tiles(slice_shape, width, room, half)
+        window, overlap, one = _fewest_tiles(slice_shape, width, room, half, device_type)
     slices = max(1, min(max_slices, room // max(one, 1)))
     live = one * slices
     kept = 0
@@ -182,7 +190,7 @@ def plan_memory(
 
 
 def _fewest_tiles(
-    slice_shape: tuple[int, int], width: int, room: int, half: bool
+    slice_shape: tuple[int, int], width: int, room: int, half: bool, device_type: str
 ) -> tuple[tuple[int, int], tuple[float, float], int]:
     """(window, overlap, bytes of one window) of the fewest tiles that fit ``room`` (16 x 16 at most)."""
     height, side = slice_shape
@@ -193,7 +201,7 @@ def _fewest_tiles(
     )
     for ny, nx in counts:
         window = (_tile_window(height, ny), _tile_window(side, nx))
-        one = estimate_live_bytes(width, window, 1, half)
+        one = estimate_live_bytes(width, window, 1, half, device_type)
         if one <= room:
             break
     return window, (_overlap(height, window[0], ny), _overlap(side, window[1], nx)), one

@@ -214,10 +214,11 @@ class SlicePredictor:
             budget,
             self._weights_bytes(),
             max_slices=key[2] if self.device.type == "cuda" else 1,
-            half=self.amp and self.device.type == "cuda",
+            half=self.amp,
             keep_tensors=self.fuse and self.reuse_buffers and self.device.type == "cpu",
             max_window=limits,
             runtime_bytes=RUNTIME_BYTES if self.device.type == "cpu" else 0,
+            device_type=self.device.type,
         )
 
     def _apply(self, plan: MemoryPlan, slice_shape: Sequence[int]) -> None:
