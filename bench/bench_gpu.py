@@ -78,8 +78,15 @@ def bench_precisions(width: int, size: tuple[int, int], batch: int, repeats: int
     return next(iter(per_slice.values()))
 
 
+RUNS = {
+    "I/O beside the network": [],
+    "I/O one step after the other": ["--overlap_io", "false"],
+    "no OOD score": ["--ood_slices", "0"],
+}
+
+
 def bench_end_to_end(
-    width: int, depth: int, size: tuple[int, int], batch: int, formats: str, amp: str
+    width: int, depth: int, size: tuple[int, int], batch: int, formats: str, amp: str, runs: list[str]
 ) -> None:
     """(b): the real bundle command on a whole tomogram."""
     print(f"\n== (b) `monai.bundle run inference` on cuda: {depth} x {size[0]} x {size[1]} float32 MRC, "
@@ -94,8 +101,8 @@ def bench_end_to_end(
         write_mrc(data / "tomo.mrc", (depth, *size), realistic_slices(*size, count=4))
         gib = depth * size[0] * size[1] * 4 / GIB
         print(f"  input written in {time.perf_counter() - start:.1f} s ({gib:.2f} GiB)")
-        runs = {"I/O beside the network": [], "I/O one step after the other": ["--overlap_io", "false"]}
-        for run, (name, extra) in enumerate(runs.items()):  # the input is in the page cache for both
+        for run, name in enumerate(runs):  # the input is in the page cache for all
+            extra = RUNS[name]
             out = tmp / f"out{run}"
             cmd = [
                 sys.executable, "-m", "monai.bundle", "run", "inference",
@@ -133,6 +140,7 @@ def main() -> None:
                         help=f"(a)'s modes among {list(MODES)}; the first is the reference")  # fmt: skip
     parser.add_argument("--formats", default="[mrc,tif]")
     parser.add_argument("--amp", default="float16")
+    parser.add_argument("--runs", default="0,1", help=f"(b)'s runs by number in {list(RUNS)}")
     parser.add_argument("--only", choices=["precision", "end-to-end"], default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -151,7 +159,8 @@ def main() -> None:
         label = MODES[modes[0]][0]
         print(f"  network alone, {label}: {network_s * args.depth:.1f} s for {args.depth} slices")
     if args.only in (None, "end-to-end"):
-        bench_end_to_end(args.width, args.depth, size, args.batch, args.formats, args.amp)
+        runs = [list(RUNS)[int(i)] for i in args.runs.split(",")]
+        bench_end_to_end(args.width, args.depth, size, args.batch, args.formats, args.amp, runs)
 
 
 if __name__ == "__main__":

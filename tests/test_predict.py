@@ -97,3 +97,16 @@ def test_compiled_predictor_gives_the_default_masks():
     default = SlicePredictor(net).predict(slices).label
     assert (compiled - default).abs().max() < 1e-5
     assert torch.equal(compiled > 0, default > 0)
+
+
+def test_a_padded_partial_batch_gives_the_same_labels():
+    # On CUDA a last batch smaller than the others is padded with copies of its last slice (no new
+    # cuDNN tuning); the padding must not change the slices that are really there.
+    net = _net(width=4)
+    slices = np.random.default_rng(3).normal(size=(3, 48, 64)).astype(np.float32)
+    padded = SlicePredictor(net)
+    padded.pad_partial_batches = True
+    padded.predict(slices)  # the usual batch size: 3
+    label = padded.predict(slices[:2]).label
+    assert label.shape == (2, 48, 64)
+    torch.testing.assert_close(label, SlicePredictor(net).predict(slices[:2]).label, atol=1e-5, rtol=1e-5)

@@ -149,6 +149,11 @@ class SlicePredictor:
         self.reuse_buffers = as_bool(reuse_buffers, "reuse_buffers")
         self.memory_budget_gb = _budget(memory_budget_gb)
         self._plans: dict[tuple[int, int, int], MemoryPlan] = {}
+        self._largest_batch: dict[tuple[int, ...], int] = {}
+        # CUDA: a partial last batch is padded to the usual size (cuDNN would tune a new shape for
+        # seconds); a pinned staging buffer is reused for the copies to the device.
+        self.pad_partial_batches = self.device.type == "cuda"
+        self._pinned: torch.Tensor | None = None
         self._user_overlap = getattr(self.inferer, "overlap", 0.25)
         self._model: nn.Module | None = None
         self._lock = threading.Lock()  # the fused network's reused buffers allow one call at a time
@@ -233,6 +238,10 @@ class SlicePredictor:
 
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         shape = tuple(batch.shape[-2:])
+        count = batch.shape[0]
+        largest = self._largest_batch[shape] = max(count, self._largest_batch.get(shape, 0))
+        if self.pad_partial_batches and count < largest:  # copies of the last slice, dropped below
+            batch = torch.cat([batch, batch[-1:].expand(largest - count, *batch.shape[1:])])
         plan = self.memory_plan(shape, batch.shape[0])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -250,8 +259,8 @@ class SlicePredictor:
                 plan = self._plans[key] = self._plan(key, plan.budget_bytes // 2)
                 logger.warning("out of memory on %s; retrying with %s", self.device, plan.describe(shape))
         if isinstance(out, (tuple, list)):
-            return out[0], out[1]
-        return out, None
+            return out[0][:count], out[1][:count]
+        return out[:count], None
 
     def voxel_match(self, voxel_size_nm: Sequence[float] | None, name: object = "tomogram") -> VoxelMatch:
         """Whether and how much to resample a tomogram of ``voxel_size_nm`` ((z, y, x), None: unknown)
@@ -271,7 +280,10 @@ class SlicePredictor:
         self, slices: np.ndarray | torch.Tensor, scale: Sequence[float] | None = None
     ) -> SlicePrediction:
         # A private float32 copy: the slices may be a read-only memory map of the user's tomogram.
-        batch = torch.tensor(np.asarray(slices), dtype=torch.float32)
+        if self.device.type == "cuda" and scale is None:
+            batch = self._staged(np.asarray(slices))
+        else:
+            batch = torch.tensor(np.asarray(slices), dtype=torch.float32)
         if scale is None:
             return self._predict(batch)
         size = tuple(batch.shape[-2:])
@@ -279,11 +291,19 @@ class SlicePredictor:
         back = [None if t is None else resample_slices(t, size) for t in (out.label, out.image, out.variance)]
         return SlicePrediction(*back)
 
+    def _staged(self, slices: np.ndarray) -> torch.Tensor:
+        """The slices as float32 in the reused pinned buffer (free again once a prediction is back)."""
+        if self._pinned is None or tuple(self._pinned.shape) != slices.shape:
+            self._pinned = torch.empty(slices.shape, dtype=torch.float32, pin_memory=True)
+        self._pinned.numpy()[...] = slices
+        return self._pinned
+
     def _predict(self, slices: torch.Tensor) -> SlicePrediction:
         if self.device.type == "cpu":
             batch = torch.as_tensor(self.normalize(slices))
         else:  # copied as they are (pinned: asynchronous), standardised on the device
-            raw = slices.pin_memory() if self.device.type == "cuda" else slices
+            pinned = self.device.type == "cuda" and not slices.is_pinned()
+            raw = slices.pin_memory() if pinned else slices
             batch = self.normalize(raw.to(self.device, non_blocking=True))
             batch = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
         batch = batch.unsqueeze(1)  # (B, 1, H, W)
