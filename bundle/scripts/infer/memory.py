@@ -181,7 +181,7 @@ def plan_memory(
     slices = max(1, min(max_slices, room // max(one, 1)))
     live = one * slices
     kept = 0
-    if keep_tensors:
+    if keep_tensors and device_type == "cpu":  # the fused network keeps tensors on the CPU only
         wanted = int(KEPT_BYTES_PER_WIDTH_PIXEL * width * _padded(window[0]) * _padded(window[1]))
         kept = max(0, min(wanted, room - live))
         kept = kept if kept == wanted or kept >= MIN_KEPT_BYTES else 0

@@ -190,6 +190,9 @@ class SlicePredictor:
         logger.debug("inference network ready in %.2f s", time.perf_counter() - start)
         return model
 
+    def _runtime_bytes(self) -> int:
+        return RUNTIME_BYTES if self.device.type == "cpu" else 0  # the GPU budget is device memory
+
     def _weights_bytes(self) -> int:
         """The eager network and, when fused, its copy."""
         tensors = (*self.network.parameters(), *self.network.buffers())
@@ -222,7 +225,7 @@ class SlicePredictor:
             half=self.amp,
             keep_tensors=self.fuse and self.reuse_buffers and self.device.type == "cpu",
             max_window=limits,
-            runtime_bytes=RUNTIME_BYTES if self.device.type == "cpu" else 0,
+            runtime_bytes=self._runtime_bytes(),
             device_type=self.device.type,
         )
 
@@ -256,7 +259,9 @@ class SlicePredictor:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 key = (*shape, int(batch.shape[0]))
-                plan = self._plans[key] = self._plan(key, plan.budget_bytes // 2)
+                # Half the room for activations (the weights and the process stay what they are).
+                fixed = self._runtime_bytes() + self._weights_bytes()
+                plan = self._plans[key] = self._plan(key, fixed + max(0, plan.budget_bytes - fixed) // 2)
                 logger.warning("out of memory on %s; retrying with %s", self.device, plan.describe(shape))
         if isinstance(out, (tuple, list)):
             return out[0][:count], out[1][:count]
