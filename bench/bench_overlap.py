@@ -7,6 +7,8 @@ network alone (prints a table; not a test).
 - network only: ``SlicePredictor.predict`` on slices already in memory, in batches of ``--batch-size``,
   built as ``configs/inference.json`` builds it (fused, kept tensors, one window per slice). Its time
   includes the first batch, which builds the fused network and its kept tensors, as a run's does.
+- reading and writing alone: ``segment_volume`` with the network replaced by a tanh of the raw slice,
+  one step after the other, into the same output files: the most that overlapping can hide.
 - end to end: the real ``python -m monai.bundle run inference`` command on the MRC, writing the mask
   as MRC and TIFF, with ``--overlap_io true`` and ``false``. "segment" is the tomogram's own time from
   its summary (opening, network, post-processing, writing); "wall" adds the process's start-up (imports,
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import mrcfile
@@ -38,10 +41,15 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
 sys.path[:0] = [str(BUNDLE)]
 
-from scripts.infer.predict import SlicePredictor  # noqa: E402
+from scripts.infer.postprocess import PostProcessing  # noqa: E402
+from scripts.infer.predict import SlicePrediction, SlicePredictor  # noqa: E402
+from scripts.infer.segment import segment_volume  # noqa: E402
+from scripts.infer.workflow import SUFFIXES  # noqa: E402
 from scripts.io.pages import trim_heap  # noqa: E402
+from scripts.io.volume import SliceWriter, open_volume  # noqa: E402
 from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
 from scripts.network.weights import load_weights  # noqa: E402
+from scripts.options import as_names  # noqa: E402
 
 CONFIG = BUNDLE / "configs" / "inference.json"
 
@@ -81,6 +89,29 @@ def network_only(tomogram: Path, weights: Path, net_width: int, batch_size: int)
     gc.collect()
     trim_heap()
     return seconds / count
+
+
+class _NoNetwork:
+    """Stands in for the network so that only reading, post-processing and writing are timed."""
+
+    tta = False
+
+    def predict(self, slices: np.ndarray, scale: object = None) -> SlicePrediction:
+        return SlicePrediction(label=torch.from_numpy(np.tanh(slices.astype(np.float32))))
+
+
+def io_only(tomogram: Path, out: Path, batch_size: int, formats: str) -> float:
+    """Seconds per slice of reading, thresholding and writing the mask, one step after the other."""
+    volume = open_volume(tomogram)
+    out.mkdir()
+    start = time.perf_counter()
+    with ExitStack() as stack:  # the files are finished (renamed into place) inside the timing
+        writers = [stack.enter_context(SliceWriter(out / f"cell_mask{SUFFIXES[f]}", volume.data.shape,
+                                                   np.uint8, like=volume))
+                   for f in as_names(formats, "formats")]  # fmt: skip
+        segment_volume(volume.data, _NoNetwork(), PostProcessing(), {"mask": writers},
+                       batch_size=batch_size, overlap_io=False)  # fmt: skip
+    return (time.perf_counter() - start) / volume.data.shape[0]
 
 
 def end_to_end(folder: Path, out: Path, weights: Path, net_width: int, batch_size: int, overlap: bool,
@@ -128,7 +159,10 @@ def main() -> None:
         print(f"network only ... [{load()}]", flush=True)
         net = network_only(tomogram, weights, args.net_width, args.batch_size)
         rows.append(("network only (predict on slices in memory)", net, None))
-        for overlap in (True, False):
+        print(f"reading and writing alone ... [{load()}]", flush=True)
+        io = io_only(tomogram, tmp_path / "out_io", args.batch_size, args.formats)
+        rows.append(("reading, post-processing, writing alone (no network)", io, None))
+        for overlap in (False, True):
             print(f"end to end, overlap_io {str(overlap).lower()} ... [{load()}]", flush=True)
             out = tmp_path / f"out_{overlap}"
             segment, wall = end_to_end(folder, out, weights, args.net_width, args.batch_size, overlap,
