@@ -122,7 +122,10 @@ class ReconstructionScorer:
         if scale is not None:
             stack = resample_slices(stack, resampled_size(stack.shape, scale))
         if picked and min(stack.shape[-2:]) >= MIN_SIDE:
-            errors = reconstruction_error(self.network, stack)
+            # A few slices of a new shape: cuDNN's autotuning (on for segmenting) would cost seconds
+            # at width 64 on a GPU, more than the passes themselves (docs/performance.md).
+            with torch.backends.cudnn.flags(enabled=True, benchmark=False):
+                errors = reconstruction_error(self.network, stack)
             score = float(np.median(errors))
             result["score"] = round(score, 6)
             result["per_slice"] = [round(float(e), 6) for e in errors]

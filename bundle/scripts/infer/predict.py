@@ -202,7 +202,8 @@ class SlicePredictor:
     def memory_plan(self, slice_shape: Sequence[int], slices: int = 1) -> MemoryPlan:
         """The window, slices per pass and kept tensors for ``slices`` slices of ``slice_shape`` (logged
         the first time a shape is seen)."""
-        key = (int(slice_shape[0]), int(slice_shape[1]), int(slices))
+        # Only a GPU runs several slices per pass: on the CPU one plan serves every batch size.
+        key = (int(slice_shape[0]), int(slice_shape[1]), int(slices) if self.device.type == "cuda" else 1)
         if key not in self._plans:
             budget = (
                 int(self.memory_budget_gb * GIB)
@@ -221,7 +222,7 @@ class SlicePredictor:
             getattr(self.network, "width", 64),
             budget,
             self._weights_bytes(),
-            max_slices=key[2] if self.device.type == "cuda" else 1,
+            max_slices=key[2],
             half=self.amp,
             keep_tensors=self.fuse and self.reuse_buffers and self.device.type == "cpu",
             max_window=limits,
@@ -229,7 +230,7 @@ class SlicePredictor:
             device_type=self.device.type,
         )
 
-    def _apply(self, plan: MemoryPlan, slice_shape: Sequence[int]) -> None:
+    def _apply(self, plan: MemoryPlan) -> None:
         if isinstance(self.inferer, SlidingWindowInferer):
             self.inferer.roi_size = plan.window
             # The user's overlap where their max_window asked for tiles, else the plan's halo.
@@ -249,7 +250,7 @@ class SlicePredictor:
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         for attempt in range(OOM_RETRIES + 1):
-            self._apply(plan, shape)
+            self._apply(plan)
             try:
                 out = self.inferer(batch, self.model)
                 break
@@ -258,7 +259,7 @@ class SlicePredictor:
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                key = (*shape, int(batch.shape[0]))
+                key = (*shape, int(batch.shape[0]) if self.device.type == "cuda" else 1)
                 # Half the room for activations (the weights and the process stay what they are).
                 fixed = self._runtime_bytes() + self._weights_bytes()
                 plan = self._plans[key] = self._plan(key, fixed + max(0, plan.budget_bytes - fixed) // 2)
