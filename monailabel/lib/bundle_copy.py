@@ -12,6 +12,7 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -27,11 +28,17 @@ class BundleError(RuntimeError):
 
 
 def bundle_name(source: str | Path) -> str:
-    """The bundle's name from ``configs/metadata.json`` (the MONAI Label model name)."""
+    """The MONAI Label model name (and working-copy folder): the ``name`` of ``configs/metadata.json``
+    in lower case, spaces to underscores, other characters dropped. The model zoo wants a display
+    name there ("Cryo-SXT membrane segmentation"); URLs and folders want ``cryosxt_membrane_segmentation``."""
     meta = Path(source) / "configs" / "metadata.json"
     if not meta.is_file():
         raise BundleError(f"{source}: not a MONAI bundle (no configs/metadata.json)")
-    return str(json.loads(meta.read_text())["name"])
+    display = str(json.loads(meta.read_text())["name"])
+    name = "_".join(re.sub(r"[^a-z0-9_ ]", "", display.lower()).split())
+    if not re.search(r"[a-z0-9]", name):
+        raise BundleError(f"{meta}: name {display!r} has no letters or digits to name the model by")
+    return name
 
 
 def _sync_tree(src: Path, dst: Path) -> int:

@@ -41,7 +41,7 @@ from scripts.io.volume import open_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundle"
-MODEL = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["name"]  # the served model's name
+MODEL = monailabel_module("bundle_copy").bundle_name(BUNDLE)  # the served model's name
 SHAPE = (16, 96, 96)
 ANNOTATED = (3, 7, 11)
 EX_ENVIRONMENT = 75  # tools/monailabel_env.sh: cannot be built for reasons outside the project
