@@ -58,3 +58,41 @@ def test_memory_that_only_lives_in_the_process_is_never_dropped(tmp_path: Path, 
         array[:] = 7
     release_pages(array)
     assert (array == 7).all()
+
+
+# In a child process: keep_freed_memory is process-wide and lasts the whole process.
+_HEAP_CHILD = r"""
+import sys
+import numpy as np
+from scripts.io import pages
+
+def mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) // 1024
+
+if sys.argv[1] == "kept":
+    assert pages.keep_freed_memory() and pages.heap_kept()
+base = mib("RssAnon")
+for _ in range(3):  # one 200 MiB array per "slice", freed afterwards
+    a = np.ones(200 * 2**20 // 8)
+    del a
+    pages.trim_heap()  # a no-op once freed memory is kept
+print(mib("RssAnon") - base, mib("VmHWM") - base)
+"""
+
+
+@pytest.mark.parametrize("mode", ["kept", "default"])
+def test_freed_memory_stays_for_the_next_slice_only_when_kept(mode: str) -> None:
+    import subprocess
+
+    bundle = Path(__file__).resolve().parent.parent / "bundle"
+    result = subprocess.run([sys.executable, "-c", _HEAP_CHILD, mode], cwd=bundle, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    held, peak = (int(v) for v in result.stdout.split())
+    assert 190 < peak < 300  # three arrays one after the other: one array's worth at a time
+    if mode == "kept":
+        assert held > 190  # still resident: the next array reuses these pages (no page faults)
+    else:
+        assert held < 20  # glibc unmapped it; the next array is faulted in afresh

@@ -5,7 +5,8 @@ slice needs about 6 GB in float32 besides the weights (docs/performance.md), mor
 small GPU has free. :func:`plan_memory` turns a budget into settings, in this order of preference:
 
 1. the whole slice in one window (no seams), as many slices per forward pass as fit (GPU);
-2. on the CPU, the rest of the budget for the fused network's kept tensors (``reuse_buffers``);
+2. on the CPU, freed memory kept in the process for the next slice (``scripts.io.pages``), or where
+   that is not available the rest of the budget for the fused network's kept tensors;
 3. otherwise the fewest Gaussian-blended tiles whose window fits, with a fixed overlap in pixels.
 
 The estimate is a model fitted to measured peaks (``bench/bench_inference.py --only budget`` prints
@@ -41,6 +42,10 @@ LIVE_BYTES_PER_WIDTH_PIXEL = {("cpu", False): 65.0, ("cpu", True): 65.0, ("cuda"
                               ("cuda", True): 35.0}  # fmt: skip
 # The process itself on the CPU (Python, PyTorch, MONAI, the slices in flight), counted in the budget.
 RUNTIME_BYTES = 640 << 20
+# The CPU with freed memory kept in the C heap (scripts.io.pages.keep_freed_memory): the process holds
+# about this many times the live activations of one window (fragmentation), measured at width 64 on
+# 1324 x 1284 slices (whole: 1.46x, three tiles: 1.45x).
+HEAP_FACTOR = 1.5
 # What the fused network keeps between slices when nothing caps it (concatenation buffers and pool), per
 # (width x padded pixel) of one float32 window.
 KEPT_BYTES_PER_WIDTH_PIXEL = 160.0
@@ -117,13 +122,18 @@ def _padded(side: int) -> int:
 
 
 def estimate_live_bytes(
-    width: int, window: tuple[int, int], slices: int = 1, half: bool = False, device_type: str = "cpu"
+    width: int,
+    window: tuple[int, int],
+    slices: int = 1,
+    half: bool = False,
+    device_type: str = "cpu",
+    heap: bool = False,
 ) -> int:
     """Peak bytes of activations for ``slices`` windows of ``window`` pixels at network ``width``
-    (``half``: 16-bit AMP)."""
+    (``half``: 16-bit AMP; ``heap``: freed memory kept in the C heap, which fragments)."""
     pixels = _padded(window[0]) * _padded(window[1])
     per = LIVE_BYTES_PER_WIDTH_PIXEL[("cuda" if device_type == "cuda" else "cpu", bool(half))]
-    return int(per * width * pixels * slices)
+    return int(per * width * pixels * slices * (HEAP_FACTOR if heap else 1.0))
 
 
 def _tile_window(side: int, tiles: int) -> int:
@@ -155,6 +165,7 @@ def plan_memory(
     max_window: tuple[int, int] = (0, 0),
     runtime_bytes: int = 0,
     device_type: str = "cpu",
+    heap: bool = False,
 ) -> MemoryPlan:
     """Settings for slices of ``slice_shape`` that fit ``budget_bytes``.
 
@@ -169,19 +180,21 @@ def plan_memory(
         max_window: the user's largest window per axis (<= 0: no limit).
         runtime_bytes: what the process holds besides (the CPU budget counts it: RUNTIME_BYTES).
         device_type: "cpu" or "cuda" (their activations differ in size).
+        heap: freed memory stays in the C heap (CPU): activations count HEAP_FACTOR times, nothing
+            else is kept.
     """
     room = budget_bytes - weights_bytes - runtime_bytes
     height, side = slice_shape
     limits = tuple(s if lim <= 0 else min(s, lim) for s, lim in zip(slice_shape, max_window, strict=True))
     if limits != (height, side):  # the user's own tiles, with the inferer's overlap
         window, overlap = limits, None
-        one = estimate_live_bytes(width, window, 1, half, device_type)
+        one = estimate_live_bytes(width, window, 1, half, device_type, heap)
     else:
-        window, overlap, one = _fewest_tiles(slice_shape, width, room, half, device_type)
+        window, overlap, one = _fewest_tiles(slice_shape, width, room, half, device_type, heap)
     slices = max(1, min(max_slices, room // max(one, 1)))
     live = one * slices
     kept = 0
-    if keep_tensors and device_type == "cpu":  # the fused network keeps tensors on the CPU only
+    if keep_tensors and device_type == "cpu" and not heap:  # the fused network's own, CPU only
         wanted = int(KEPT_BYTES_PER_WIDTH_PIXEL * width * _padded(window[0]) * _padded(window[1]))
         kept = max(0, min(wanted, room - live))
         kept = kept if kept == wanted or kept >= MIN_KEPT_BYTES else 0
@@ -190,7 +203,7 @@ def plan_memory(
 
 
 def _fewest_tiles(
-    slice_shape: tuple[int, int], width: int, room: int, half: bool, device_type: str
+    slice_shape: tuple[int, int], width: int, room: int, half: bool, device_type: str, heap: bool
 ) -> tuple[tuple[int, int], tuple[float, float], int]:
     """(window, overlap, bytes of one window) of the fewest tiles that fit ``room`` (16 x 16 at most)."""
     height, side = slice_shape
@@ -201,7 +214,7 @@ def _fewest_tiles(
     )
     for ny, nx in counts:
         window = (_tile_window(height, ny), _tile_window(side, nx))
-        one = estimate_live_bytes(width, window, 1, half, device_type)
+        one = estimate_live_bytes(width, window, 1, half, device_type, heap)
         if one <= room:
             break
     return window, (_overlap(height, window[0], ny), _overlap(side, window[1], nx)), one

@@ -31,6 +31,7 @@ from torch import nn
 
 from scripts.infer.memory import GIB, RUNTIME_BYTES, MemoryPlan, default_budget_bytes, plan_memory
 from scripts.infer.resample import VoxelMatch, match_voxel_size, resample_slices, resampled_size
+from scripts.io.pages import keep_freed_memory
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
 from scripts.options import as_bool, as_optional
@@ -98,9 +99,10 @@ class SlicePredictor:
             shape compiles again): True, or a mode ("reduce-overhead" adds CUDA graphs,
             "max-autotune"). Slower than the default fused path on the CPUs measured
             (docs/performance.md).
-        reuse_buffers: on CPU, the fused network keeps tensors between layers and slices (faster: no
-            page faults on fresh memory; see ``scripts.network.buffers``; about 1.4 GB at width 8 on
-            1328 x 1296), as much as the memory budget leaves.
+        reuse_buffers: on CPU, memory freed by one slice is reused by the next (faster: no page faults
+            on fresh memory). With glibc, freed memory stays in the C heap (process-wide, from the
+            first prediction on: ``scripts.io.pages.keep_freed_memory``); elsewhere the fused
+            network keeps its own tensors (``scripts.network.buffers``), as much as the budget leaves.
         memory_budget_gb: memory prediction may use, weights included (None: 80 % of the free GPU
             memory; on the CPU half the free memory, at most 4 GiB). Picks the window, the slices per
             pass (``sw_batch_size``, up to the batch) and the kept tensors; the choice is logged.
@@ -155,6 +157,7 @@ class SlicePredictor:
         self.pad_partial_batches = self.device.type == "cuda"
         self._pinned: torch.Tensor | None = None
         self._user_overlap = getattr(self.inferer, "overlap", 0.25)
+        self._heap: bool | None = None
         self._model: nn.Module | None = None
         self._lock = threading.Lock()  # the fused network's reused buffers allow one call at a time
         # Slices stacked along the first axis are "channels" here: channel-wise = per slice.
@@ -177,7 +180,8 @@ class SlicePredictor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # slice shapes repeat: pick the fastest conv once
         if self.fuse and isinstance(model, DoubleDecoderNet):
-            reuse = self.reuse_buffers and self.device.type == "cpu"
+            # The network keeps its own tensors only where the C heap cannot keep freed memory.
+            reuse = self.reuse_buffers and self.device.type == "cpu" and not self.heap_kept
             model = fuse_for_inference(model, channels_last=self.channels_last, reuse_buffers=reuse)
         elif self.channels_last:
             # A copy: the caller's network (maybe still training) keeps its layout.
@@ -189,6 +193,14 @@ class SlicePredictor:
             model = torch.compile(model, dynamic=False, options=options, mode=mode)
         logger.debug("inference network ready in %.2f s", time.perf_counter() - start)
         return model
+
+    @property
+    def heap_kept(self) -> bool:
+        """CPU with ``reuse_buffers``: freed memory stays in the process for the next slice (set
+        process-wide at the first use, ``scripts.io.pages.keep_freed_memory``)."""
+        if self._heap is None:
+            self._heap = self.reuse_buffers and self.device.type == "cpu" and keep_freed_memory()
+        return self._heap
 
     def _runtime_bytes(self) -> int:
         return RUNTIME_BYTES if self.device.type == "cpu" else 0  # the GPU budget is device memory
@@ -228,6 +240,7 @@ class SlicePredictor:
             max_window=limits,
             runtime_bytes=self._runtime_bytes(),
             device_type=self.device.type,
+            heap=self.heap_kept,
         )
 
     def _apply(self, plan: MemoryPlan) -> None:
