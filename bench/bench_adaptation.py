@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bundle"), str(REPO), str(REPO / "bench")]
 
 import bench_generalisation as generalisation  # noqa: E402
-
-from cryosxt_sim.simulate import main as simulate  # noqa: E402
 from scripts.io.atomic import atomic_output  # noqa: E402
 from scripts.train.adapt import source_dataset  # noqa: E402
+
+from cryosxt_sim.simulate import main as simulate  # noqa: E402
 
 UNLABELED_SEED_BASE = 2000
 CONFIGS = f"['{REPO / 'bundle/configs/train.json'}','{REPO / 'bundle/configs/adapt.json'}']"
@@ -57,9 +57,7 @@ def adapt(weights: Path, unlabeled: Path, out: Path, seed: int, semi: bool, extr
     with open(out / "log.txt", "w") as log:
         code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        raise generalisation.BenchError(
-            f"adapting failed (exit {code}), see {out / 'log.txt'}: {shlex.join(cmd)}"
-        )
+        raise generalisation.BenchError(f"adapting failed (exit {code}), see {out / 'log.txt'}: {shlex.join(cmd)}")
     seconds = time.perf_counter() - start
     with atomic_output(out / "timing.json") as tmp:
         tmp.write_text(json.dumps({"seconds": seconds, "command": shlex.join(cmd)}))
@@ -67,9 +65,7 @@ def adapt(weights: Path, unlabeled: Path, out: Path, seed: int, semi: bool, extr
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--weights",
         type=Path,
@@ -80,17 +76,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unlabeled", type=int, default=4, help="unlabeled tomograms per seed (default 4)")
     parser.add_argument("--unlabeled-shape", default="32,256,256", help="their Z,Y,X (default 32,256,256)")
     parser.add_argument("--shape", default=generalisation.DEFAULT_SHAPE, help="test tomograms' Z,Y,X")
-    parser.add_argument("--source", type=Path, default=None,
-                        help="labeled source folder (default: adapt.json's simulated one)")
+    parser.add_argument(
+        "--source", type=Path, default=None, help="labeled source folder (default: adapt.json's simulated one)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="adaptation epochs (default: adapt.json's)")
+    parser.add_argument("--instrument", default="heldout", help="the new microscope (a preset; default heldout)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"runs and data (default {DEFAULT_WORK})")
     parser.add_argument(
-        "--instrument", default="heldout", help="the new microscope (a preset; default heldout)"
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra adapting override (--KEY VALUE), e.g. patch_size=64",
     )
-    parser.add_argument(
-        "--work", type=Path, default=DEFAULT_WORK, help=f"runs and data (default {DEFAULT_WORK})"
-    )
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra adapting override (--KEY VALUE), e.g. patch_size=64")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     return parser.parse_args(argv)
 
@@ -113,10 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k in range(args.seeds):
         seed = UNLABELED_SEED_BASE + k
         data = work / f"{args.instrument}_s{seed}_{args.unlabeled}x{args.unlabeled_shape.replace(',', 'x')}"
-        if (
-            not (data / "unlabeled").is_dir()
-            or len(list((data / "unlabeled").glob("*.mrc"))) < args.unlabeled
-        ):
+        if not (data / "unlabeled").is_dir() or len(list((data / "unlabeled").glob("*.mrc"))) < args.unlabeled:
             simulate(
                 out=str(data),
                 count=0,
@@ -161,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             return f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-"
 
         print(f"| {group} | {stat(dice)} | {stat(ood_held)} | {stat(ood_in)} |")
-    mean = {
-        g: float(np.mean(summary["arms"][g]["dice"])) for g in summary["arms"] if summary["arms"][g]["dice"]
-    }
+    mean = {g: float(np.mean(summary["arms"][g]["dice"])) for g in summary["arms"] if summary["arms"][g]["dice"]}
     if "adapt" in mean and "control" in mean:
         gap = mean["adapt"] - mean["control"]
         print(
@@ -185,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"- adaptation run time {np.mean(times):.0f} s on average ({os.cpu_count()} CPUs)")
     if args.json:
         with atomic_output(args.json.expanduser()) as tmp:
-            tmp.write_text(
-                json.dumps({"summary": summary, "generalisation": report}, indent=1, default=float)
-            )
+            tmp.write_text(json.dumps({"summary": summary, "generalisation": report}, indent=1, default=float))
     return summary
 
 

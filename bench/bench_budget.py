@@ -60,7 +60,6 @@ def run_child(bundle: Path, width: int, size: tuple[int, int], repeats: int, bud
 def seams(budget_gb: float) -> None:
     sys.path[:0] = [str(BUNDLE), str(REPO), str(REPO / "bench")]
     from bench_inference import realistic_slices
-
     from scripts.infer.predict import SlicePredictor
     from scripts.network.double_decoder import DoubleDecoderNet
     from scripts.network.weights import load_weights

@@ -45,12 +45,13 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"
 sys.path[:0] = [str(BUNDLE), str(REPO)]  # the bundle's scripts, the simulator
 
-from cryosxt_sim.instruments import INSTRUMENTS, get_instrument  # noqa: E402
-from cryosxt_sim.paired import simulate_pair  # noqa: E402
-from cryosxt_sim.simulate import simulate_tomogram  # noqa: E402
 from scripts.io.atomic import atomic_output  # noqa: E402
 from scripts.io.volume import open_volume, write_volume  # noqa: E402
 from scripts.train.metrics import label_counts, label_scores  # noqa: E402
+
+from cryosxt_sim.instruments import INSTRUMENTS, get_instrument  # noqa: E402
+from cryosxt_sim.paired import simulate_pair  # noqa: E402
+from cryosxt_sim.simulate import simulate_tomogram  # noqa: E402
 
 SEED_BASE = 1000  # training uses --seed < 1000; the benchmark's tomogram k uses (SEED_BASE + k, 0, 0)
 PRESETS = tuple(INSTRUMENTS)
@@ -148,8 +149,7 @@ class Cache:
             self.simulated += 2
             other = PAIR_FINE if cond.id == COARSE else COARSE
             twin = next(c for c in all_conditions() if c.id == other)
-            self._store(self.paths(twin, seed),
-                        *_record(coarse if cond.id == PAIR_FINE else fine, other, seed))
+            self._store(self.paths(twin, seed), *_record(coarse if cond.id == PAIR_FINE else fine, other, seed))
             image, label, voxel, meta = _record(fine if cond.id == PAIR_FINE else coarse, cond.id, seed)
         else:
             shape = tuple(s // cond.shape_divisor for s in self.shape)
@@ -161,9 +161,7 @@ class Cache:
         return paths
 
     @staticmethod
-    def _store(
-        paths: dict[str, Path], image: np.ndarray, label: np.ndarray, voxel: float, meta: dict
-    ) -> None:
+    def _store(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, voxel: float, meta: dict) -> None:
         for p in paths.values():
             p.parent.mkdir(parents=True, exist_ok=True)
         write_volume(paths["image"], image, voxel)
@@ -252,14 +250,10 @@ def targets(arm: str, table: dict, masks: dict, conds: list[Condition], seeds: l
     if presets:
         worst = min(presets, key=lambda c: table[c.id][arm]["dice"])
         value = table[worst.id][arm]["dice"]
-        line = (
-            f"worst preset {worst.id} Dice {value:.3f} vs >= {PRESET_FLOOR}: {verdict(value, PRESET_FLOOR)}"
-        )
+        line = f"worst preset {worst.id} Dice {value:.3f} vs >= {PRESET_FLOOR}: {verdict(value, PRESET_FLOOR)}"
         if "heldout" in ids:
             held = table["heldout"][arm]["dice"]
-            line += (
-                f"; heldout (never drawn) {held:.3f} vs >= {HELDOUT_FLOOR}: {verdict(held, HELDOUT_FLOOR)}"
-            )
+            line += f"; heldout (never drawn) {held:.3f} vs >= {HELDOUT_FLOOR}: {verdict(held, HELDOUT_FLOOR)}"
         out["a"] = {
             "line": line,
             "worst": worst.id,
@@ -270,9 +264,7 @@ def targets(arm: str, table: dict, masks: dict, conds: list[Condition], seeds: l
     for c in conds:
         if c.flipped and c.instrument in ids:
             for s in seeds:
-                pairs.append(
-                    (c.instrument, mask_dice(masks[arm][f"{c.instrument}_s{s}"], masks[arm][f"{c.id}_s{s}"]))
-                )
+                pairs.append((c.instrument, mask_dice(masks[arm][f"{c.instrument}_s{s}"], masks[arm][f"{c.id}_s{s}"])))
     if pairs:
         mean = float(np.mean([d for _, d in pairs]))
         worst = min(pairs, key=lambda p: p[1])
@@ -310,9 +302,7 @@ def same_phantom(fine: dict, coarse: dict) -> tuple[bool, str]:
 
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--weights",
         action="append",
@@ -320,9 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=PATH",
         help="weights to benchmark (repeatable); NAME names the column",
     )
-    parser.add_argument(
-        "--tta", action="store_true", help="also run every weights with TTA (column NAME+tta)"
-    )
+    parser.add_argument("--tta", action="store_true", help="also run every weights with TTA (column NAME+tta)")
     parser.add_argument(
         "--option",
         action="append",
@@ -331,9 +319,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="inference override (--KEY VALUE) for every arm, or only for ARM (an arm or weights "
         "name); e.g. match_voxel_size=true, new+tta:tta_polarity=true",
     )
-    parser.add_argument(
-        "--shape", default=DEFAULT_SHAPE, help=f"Z,Y,X of the tomograms (default {DEFAULT_SHAPE})"
-    )
+    parser.add_argument("--shape", default=DEFAULT_SHAPE, help=f"Z,Y,X of the tomograms (default {DEFAULT_SHAPE})")
     parser.add_argument("--seeds", type=int, default=2, help="held-out tomograms per condition (default 2)")
     parser.add_argument(
         "--conditions",
@@ -359,9 +345,7 @@ def build_arms(args: argparse.Namespace) -> list[Arm]:
             raise BenchError(f"--weights {name}={path}: weights file not found")
         weights[name] = Path(path).expanduser().resolve()
     arms = [
-        arm
-        for n, p in weights.items()
-        for arm in [Arm(n, p, False)] + ([Arm(f"{n}+tta", p, True)] if args.tta else [])
+        arm for n, p in weights.items() for arm in [Arm(n, p, False)] + ([Arm(f"{n}+tta", p, True)] if args.tta else [])
     ]
     for item in args.option:
         target, _, setting = item.partition(":") if re.match(r"^[\w.+-]+:", item) else ("", "", item)
@@ -439,16 +423,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "summary": {k: summary[k] for k in summary if k != "weights"},
                 }
             print(
-                f"arm {arm.name}: {len(files)} tomograms segmented and scored in "
-                f"{arm_seconds[arm.name]:.0f} s",
+                f"arm {arm.name}: {len(files)} tomograms segmented and scored in {arm_seconds[arm.name]:.0f} s",
                 flush=True,
             )
 
     table = {
         c.id: {
-            a.name: {
-                k: float(np.mean([results[a.name][f"{c.id}_s{s}"][k] for s in seeds])) for k in ("dice", "f1")
-            }
+            a.name: {k: float(np.mean([results[a.name][f"{c.id}_s{s}"][k] for s in seeds])) for k in ("dice", "f1")}
             for a in arms
         }
         for c in conds
@@ -494,9 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     for a in arms:
         opts = " ".join(f"--{k} {v}" for k, v in a.options.items())
         # The inference summary says whether slices were resampled to the weights' voxel size.
-        resampled = sum(
-            bool(r["summary"].get("voxel_matching", {}).get("resampled")) for r in results[a.name].values()
-        )
+        resampled = sum(bool(r["summary"].get("voxel_matching", {}).get("resampled")) for r in results[a.name].values())
         print(
             f"- arm {a.name}: {a.weights}, tta {str(a.tta).lower()}{', ' + opts if opts else ''}; "
             f"{resampled} of {len(files)} tomograms resampled to the weights' voxel size; "
@@ -514,9 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": seeds,
         "cache": str(cache.root),
         "seconds": {"total": total, "simulation": t_sim, **{f"arm {k}": v for k, v in arm_seconds.items()}},
-        "arms": [
-            {"name": a.name, "weights": str(a.weights), "tta": a.tta, "options": a.options} for a in arms
-        ],
+        "arms": [{"name": a.name, "weights": str(a.weights), "tta": a.tta, "options": a.options} for a in arms],
         "conditions": [c.id for c in conds],
         "table": table,
         "targets": {a: {k: {kk: vv for kk, vv in v.items()} for k, v in g.items()} for a, g in goals.items()},

@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bundle"), str(REPO), str(REPO / "bench")]
 
 from bench_inference import network, realistic_slices, write_mrc  # noqa: E402
-
 from scripts.infer.predict import SlicePredictor  # noqa: E402
 
 GIB = 2**30

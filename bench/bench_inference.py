@@ -123,9 +123,7 @@ def onnx_runner(net: nn.Module, shape: tuple[int, ...], threads: int) -> Runner:
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
-def build_level(
-    level: str, net: DoubleDecoderNet, shape: tuple[int, ...]
-) -> tuple[Runner, torch.Tensor, float]:
+def build_level(level: str, net: DoubleDecoderNet, shape: tuple[int, ...]) -> tuple[Runner, torch.Tensor, float]:
     """(callable, input, seconds to build) for one optimisation level."""
     x = torch.from_numpy(np.random.default_rng(0).normal(size=shape).astype(np.float32))
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -156,8 +154,7 @@ def bench_width(width: int, shape: tuple[int, ...], levels: list[str], repeats: 
     net = network(width)
     flops = count_flops(net, shape)
     weights = "trained" if width == 8 and TRAINED.is_file() else "random init"
-    header(f"width {width}, slice {shape[2]} x {shape[3]}, batch {shape[0]}:"
-           f" {flops / 1e9:.1f} GFLOP; {weights}")
+    header(f"width {width}, slice {shape[2]} x {shape[3]}, batch {shape[0]}: {flops / 1e9:.1f} GFLOP; {weights}")
     built, reference = {}, None
     exact = float64_reference(net, shape) if width <= 16 else None
     for level in levels:
@@ -505,8 +502,12 @@ def parse_size(text: str) -> tuple[int, int]:
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--only", choices=["speed", "layers", "memory", "seams", "big"], action="append",
-                        help="run only these sections (repeatable); default: all but big")
+    parser.add_argument(
+        "--only",
+        choices=["speed", "layers", "memory", "seams", "big"],
+        action="append",
+        help="run only these sections (repeatable); default: all but big",
+    )
     parser.add_argument("--size", type=parse_size, default=(1328, 1296), help="slice HxW for speed")
     parser.add_argument("--widths", default="8,16,64", help="network widths for speed")
     parser.add_argument("--levels", default=",".join(LEVELS), help=f"optimisation levels among {LEVELS}")

@@ -23,7 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_inference, beside this file
 
 from bench_inference import header, load, run_inference, weights_file  # noqa: E402
-
 from scripts.io.volume import SliceWriter, open_volume  # noqa: E402  (bench_inference adds bundle/)
 
 
@@ -39,15 +38,15 @@ def write_store(path: Path, depth: int, side: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", default="50,200", help="slices of each store, comma separated")
     parser.add_argument("--side", type=int, default=1024, help="slice height and width")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    header(f"peak RSS of `monai.bundle run inference` on OME-Zarr vs depth ({args.side} x {args.side} uint8, "
-           "width 4, OME-Zarr out)")
+    header(
+        f"peak RSS of `monai.bundle run inference` on OME-Zarr vs depth ({args.side} x {args.side} uint8, "
+        "width 4, OME-Zarr out)"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_zarr_") as tmp:
         tmp = Path(tmp)
         weights = weights_file(tmp, 4)

@@ -114,8 +114,9 @@ def io_only(tomogram: Path, out: Path, batch_size: int, formats: str) -> float:
     return (time.perf_counter() - start) / volume.data.shape[0]
 
 
-def end_to_end(folder: Path, out: Path, weights: Path, net_width: int, batch_size: int, overlap: bool,
-               formats: str) -> tuple[float, float]:
+def end_to_end(
+    folder: Path, out: Path, weights: Path, net_width: int, batch_size: int, overlap: bool, formats: str
+) -> tuple[float, float]:
     """(segment, wall) seconds per slice of the bundle's inference command."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
            "--dataset_dir", str(folder), "--output_dir", str(out), "--weights", str(weights),
@@ -133,8 +134,7 @@ def end_to_end(folder: Path, out: Path, weights: Path, net_width: int, batch_siz
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--size", default="1324x1284", help="slice height x width")
     parser.add_argument("--net-width", type=int, default=16)
@@ -152,8 +152,10 @@ def main() -> None:
         weights = tmp_path / f"w{args.net_width}.pt"
         torch.manual_seed(0)
         torch.save(DoubleDecoderNet(width=args.net_width).state_dict(), weights)
-        print(f"{args.slices} x {height} x {width} float32 MRC, width {args.net_width} random weights, "
-              f"batch {args.batch_size}, formats {args.formats}, {torch.get_num_threads()} torch threads")
+        print(
+            f"{args.slices} x {height} x {width} float32 MRC, width {args.net_width} random weights, "
+            f"batch {args.batch_size}, formats {args.formats}, {torch.get_num_threads()} torch threads"
+        )
 
         rows = []
         print(f"network only ... [{load()}]", flush=True)

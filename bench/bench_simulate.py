@@ -34,10 +34,18 @@ def _one(shape: str, instrument: str, cell: str | None, seed: int) -> dict:
     use = resource.getrusage(resource.RUSAGE_SELF)
     rss = use.ru_maxrss / 1024  # KiB on Linux
     inst = tomo.info["instrument"]
-    return {"shape": shape, "instrument": instrument, "seed": seed, "cell": tomo.info["cell_kind"],
-            "voxel_nm": inst["voxel_size_nm"], "work": len(tomo.info["tilt_angles_deg"]) * inst["iterations"],
-            "seconds": round(sec, 2), "cpu_seconds": round(use.ru_utime + use.ru_stime, 1),
-            "peak_rss_mib": round(rss), "objects": len(tomo.objects)}
+    return {
+        "shape": shape,
+        "instrument": instrument,
+        "seed": seed,
+        "cell": tomo.info["cell_kind"],
+        "voxel_nm": inst["voxel_size_nm"],
+        "work": len(tomo.info["tilt_angles_deg"]) * inst["iterations"],
+        "seconds": round(sec, 2),
+        "cpu_seconds": round(use.ru_utime + use.ru_stime, 1),
+        "peak_rss_mib": round(rss),
+        "objects": len(tomo.objects),
+    }
 
 
 def main() -> None:
@@ -51,16 +59,35 @@ def main() -> None:
     if args.child:
         print(json.dumps(_one(args.child, args.instrument, args.cell, args.seeds[0])))
         return
-    cols = ("shape", "instrument", "seed", "cell", "voxel_nm", "work", "seconds", "cpu_seconds",
-            "peak_rss_mib", "objects")
-    head = ("shape", "instrument", "seed", "cell", "voxel nm", "proj x it", "seconds", "CPU s",
-            "peak RSS MiB", "objects")
+    cols = (
+        "shape",
+        "instrument",
+        "seed",
+        "cell",
+        "voxel_nm",
+        "work",
+        "seconds",
+        "cpu_seconds",
+        "peak_rss_mib",
+        "objects",
+    )
+    head = (
+        "shape",
+        "instrument",
+        "seed",
+        "cell",
+        "voxel nm",
+        "proj x it",
+        "seconds",
+        "CPU s",
+        "peak RSS MiB",
+        "objects",
+    )
     row = "{:>12} {:>10} {:>5} {:>10} {:>9} {:>10} {:>8} {:>7} {:>13} {:>8}"
     print(row.format(*head))
     for shape in args.shapes:
         for seed in args.seeds:
-            cmd = [sys.executable, __file__, "--child", shape, "--instrument", args.instrument,
-                   "--seeds", str(seed)]
+            cmd = [sys.executable, __file__, "--child", shape, "--instrument", args.instrument, "--seeds", str(seed)]
             if args.cell:
                 cmd += ["--cell", args.cell]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -30,12 +30,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bundle"), str(REPO)]  # the bundle's scripts, the simulator
 
-from cryosxt_sim.simulate import main as simulate  # noqa: E402
 from scripts.io.labels import IGNORE_VALUE  # noqa: E402
 from scripts.io.volume import open_volume, write_volume  # noqa: E402
 from scripts.network.double_decoder import DoubleDecoderNet  # noqa: E402
 from scripts.train.engine import LABELED, UNLABELED, SemiSupervisedTrainer, unlabeled_parameters  # noqa: E402
 from scripts.train.losses import LabeledLoss, UnlabeledLoss  # noqa: E402
+
+from cryosxt_sim.simulate import main as simulate  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 
@@ -54,20 +55,24 @@ def keep_annotated(label_dir: Path, per_volume: int) -> int:
     return kept
 
 
-def make_data(workdir: Path, shape: str, labeled_volumes: int, labeled_slices: int, unlabeled: int,
-              test_volumes: int, seed: int) -> dict[str, Path]:
+def make_data(
+    workdir: Path, shape: str, labeled_volumes: int, labeled_slices: int, unlabeled: int, test_volumes: int, seed: int
+) -> dict[str, Path]:
     """Simulate the folders once (reused when they exist)."""
     dirs = {name: workdir / name for name in ("train", "test_bessy", "test_mistral")}
     if not (workdir / "data.done").exists():
-        simulate(out=str(dirs["train"]), count=labeled_volumes, shape=shape, seed=seed, instrument="bessy",
-                 unlabeled=unlabeled)
-        simulate(out=str(dirs["train"]), count=0, shape=shape, seed=seed + 1, instrument="mistral",
-                 unlabeled=unlabeled)
+        simulate(
+            out=str(dirs["train"]),
+            count=labeled_volumes,
+            shape=shape,
+            seed=seed,
+            instrument="bessy",
+            unlabeled=unlabeled,
+        )
+        simulate(out=str(dirs["train"]), count=0, shape=shape, seed=seed + 1, instrument="mistral", unlabeled=unlabeled)
         kept = keep_annotated(dirs["train"] / "labels", max(1, labeled_slices // labeled_volumes))
-        simulate(out=str(dirs["test_bessy"]), count=test_volumes, shape=shape, seed=seed + 2,
-                 instrument="bessy")
-        simulate(out=str(dirs["test_mistral"]), count=test_volumes, shape=shape, seed=seed + 3,
-                 instrument="mistral")
+        simulate(out=str(dirs["test_bessy"]), count=test_volumes, shape=shape, seed=seed + 2, instrument="bessy")
+        simulate(out=str(dirs["test_mistral"]), count=test_volumes, shape=shape, seed=seed + 3, instrument="mistral")
         (workdir / "data.done").write_text(json.dumps({"annotated_slices": kept}))
     return dirs
 
@@ -77,8 +82,13 @@ def run_bundle(config_files: list[Path], run_id: str, **overrides) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        workflow = ConfigWorkflow(config_file=[str(c) for c in config_files], workflow_type=None,
-                                  run_id=run_id, logging_file=False, **overrides)
+        workflow = ConfigWorkflow(
+            config_file=[str(c) for c in config_files],
+            workflow_type=None,
+            run_id=run_id,
+            logging_file=False,
+            **overrides,
+        )
         workflow.initialize()
         workflow.run()
         workflow.finalize()
@@ -89,11 +99,20 @@ def train_and_score(args: argparse.Namespace, dirs: dict[str, Path], semi: bool)
     start = time.monotonic()
     if not (out / "last.pt").exists():
         run_bundle(
-            [CONFIGS / "train.json"], "training",
-            dataset_dir=str(dirs["train"]), output_dir=str(out), semi_supervised=semi, width=args.width,
-            patch_size=args.patch_size, batch_size=args.batch_size, labeled_repeats=args.labeled_repeats,
+            [CONFIGS / "train.json"],
+            "training",
+            dataset_dir=str(dirs["train"]),
+            output_dir=str(out),
+            semi_supervised=semi,
+            width=args.width,
+            patch_size=args.patch_size,
+            batch_size=args.batch_size,
+            labeled_repeats=args.labeled_repeats,
             unlabeled_steps_per_epoch=args.unlabeled_steps_per_epoch or None,
-            learning_rate=args.learning_rate, val_fraction=0.0, num_workers=0, progress_bar=False,
+            learning_rate=args.learning_rate,
+            val_fraction=0.0,
+            num_workers=0,
+            progress_bar=False,
             seed=args.seed,
             **{"train#trainer#max_epochs": args.epochs},
         )
@@ -102,8 +121,12 @@ def train_and_score(args: argparse.Namespace, dirs: dict[str, Path], semi: bool)
     for name in ("test_bessy", "test_mistral"):
         ev = out / f"eval_{name}"
         run_bundle(
-            [CONFIGS / "train.json", CONFIGS / "evaluate.json"], "evaluating",
-            dataset_dir=str(dirs[name]), output_dir=str(ev), ckpt_path=str(out / "last.pt"), num_workers=0,
+            [CONFIGS / "train.json", CONFIGS / "evaluate.json"],
+            "evaluating",
+            dataset_dir=str(dirs[name]),
+            output_dir=str(ev),
+            ckpt_path=str(out / "last.pt"),
+            num_workers=0,
         )
         scores[name] = json.loads((ev / "metrics.json").read_text())["overall"]
     return scores
@@ -116,8 +139,12 @@ def throughput(width: int, patch: int, batch: int, steps: int) -> dict[str, floa
     image = torch.randn(batch, 1, patch, patch)
     labeled = {"image": image, "label": torch.where(image > 0.5, 1.0, -1.0), "mask": torch.ones_like(image)}
     trainer = SemiSupervisedTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[labeled], network=net,
-        optimizer=torch.optim.Adam(net.parameters(), 1e-4, eps=1e-7), loss_function=LabeledLoss(),
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=[labeled],
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-4, eps=1e-7),
+        loss_function=LabeledLoss(),
         unlabeled_data_loader=[{"image": image}],
         unlabeled_optimizer=torch.optim.Adam(unlabeled_parameters(net), 1e-4, eps=1e-7),
         unlabeled_loss_function=UnlabeledLoss(data_range=10.0),
@@ -133,9 +160,7 @@ def throughput(width: int, patch: int, batch: int, steps: int) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_training"))
     parser.add_argument("--shape", default="32,192,192")
     parser.add_argument("--labeled_volumes", type=int, default=2)
@@ -157,28 +182,43 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS')}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS')}"
+    )
 
     if not args.skip_training:
-        dirs = make_data(args.workdir, args.shape, args.labeled_volumes, args.labeled_slices, args.unlabeled,
-                         args.test_volumes, args.seed)
+        dirs = make_data(
+            args.workdir,
+            args.shape,
+            args.labeled_volumes,
+            args.labeled_slices,
+            args.unlabeled,
+            args.test_volumes,
+            args.seed,
+        )
         info = json.loads((args.workdir / "data.done").read_text())
-        print(f"data: shape {args.shape}; {info['annotated_slices']} annotated bessy slices in "
-              f"{args.labeled_volumes} tomograms; unlabeled: {args.unlabeled} bessy + {args.unlabeled} "
-              f"mistral tomograms; held out: {args.test_volumes} bessy + {args.test_volumes} mistral "
-              "(fully labeled)")
-        print(f"training: width {args.width}, {args.epochs} epochs, crops {args.patch_size}, batch "
-              f"{args.batch_size}, labeled repeats {args.labeled_repeats}, lr {args.learning_rate}, "
-              f"final weights (no model selection)")
+        print(
+            f"data: shape {args.shape}; {info['annotated_slices']} annotated bessy slices in "
+            f"{args.labeled_volumes} tomograms; unlabeled: {args.unlabeled} bessy + {args.unlabeled} "
+            f"mistral tomograms; held out: {args.test_volumes} bessy + {args.test_volumes} mistral "
+            "(fully labeled)"
+        )
+        print(
+            f"training: width {args.width}, {args.epochs} epochs, crops {args.patch_size}, batch "
+            f"{args.batch_size}, labeled repeats {args.labeled_repeats}, lr {args.learning_rate}, "
+            f"final weights (no model selection)"
+        )
         results = {arm: train_and_score(args, dirs, arm == "semi") for arm in ("semi", "supervised")}
         print("\n| arm | test set | precision | recall | F1 | Dice (tanh>0) | image acc. | train s |")
         print("|---|---|---|---|---|---|---|---|")
         for arm, res in results.items():
             for name in ("test_bessy", "test_mistral"):
                 s = res[name]
-                print(f"| {arm} | {name[5:]} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
-                      f"{s['dice']:.3f} | {s['image_accuracy']:.3f} | {res['train_s']:.0f} |")
+                print(
+                    f"| {arm} | {name[5:]} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
+                    f"{s['dice']:.3f} | {s['image_accuracy']:.3f} | {res['train_s']:.0f} |"
+                )
         (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
 
     print(f"\nthroughput (crops/s, {args.throughput_patch}x{args.throughput_patch}, batch 1, CPU):")

@@ -34,8 +34,9 @@ MEMBRANE_NM = 25.0  # apparent thickness of a membrane (bilayer + bound protein)
 GT_HALF_VOXELS = 1.25  # ground truth = |d| <= 1.25 voxels: 2-3 voxels thick
 MARGIN_NM = 20.0  # minimum gap between placed objects
 
-PROBE_DIRS = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)
-                  if (a, b, c) != (0, 0, 0)], dtype=np.float64)  # probe directions for fit tests
+PROBE_DIRS = np.array(
+    [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)], dtype=np.float64
+)  # probe directions for fit tests
 PROBE_DIRS /= np.linalg.norm(PROBE_DIRS, axis=1, keepdims=True)
 
 
@@ -203,8 +204,9 @@ def rotation(axis: np.ndarray, rng: np.random.Generator, roll: float = 0.3) -> n
 # ---------------------------------------------------------------- texture
 
 
-def smooth_noise(shape: tuple[int, int, int], steps: tuple[float, ...], weights: tuple[float, ...],
-                 rng: np.random.Generator) -> np.ndarray:
+def smooth_noise(
+    shape: tuple[int, int, int], steps: tuple[float, ...], weights: tuple[float, ...], rng: np.random.Generator
+) -> np.ndarray:
     """Unit-variance sum of value-noise octaves with correlation lengths `steps` (voxels).
 
     Octaves are summed on the finest coarse grid, then upsampled once (trilinear, torch: fast
@@ -222,8 +224,7 @@ def smooth_noise(shape: tuple[int, int, int], steps: tuple[float, ...], weights:
         else:
             oct_ = smooth_noise(cshape, (step / fine,), (1.0,), rng)
         coarse += np.float32(w) * (oct_ - oct_.mean()) / (oct_.std() + 1e-6)
-    up = F.interpolate(torch.from_numpy(coarse)[None, None], size=tuple(shape), mode="trilinear",
-                       align_corners=True)
+    up = F.interpolate(torch.from_numpy(coarse)[None, None], size=tuple(shape), mode="trilinear", align_corners=True)
     out = up[0, 0].numpy()
     out -= out.mean()
     out /= out.std() + 1e-6

@@ -30,8 +30,8 @@ def _clear_of_objects(bld: Builder, c: np.ndarray, r: np.ndarray) -> np.ndarray:
     if not len(bld.occ_r):
         return ok
     for i in range(0, len(r), _CHUNK):
-        d = np.linalg.norm(c[i:i + _CHUNK, None, :] - bld.occ_c[None], axis=2)
-        ok[i:i + _CHUNK] = np.all(d >= r[i:i + _CHUNK, None] + bld.occ_r[None] + MARGIN_NM, axis=1)
+        d = np.linalg.norm(c[i : i + _CHUNK, None, :] - bld.occ_c[None], axis=2)
+        ok[i : i + _CHUNK] = np.all(d >= r[i : i + _CHUNK, None] + bld.occ_r[None] + MARGIN_NM, axis=1)
     return ok
 
 

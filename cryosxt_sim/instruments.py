@@ -19,8 +19,17 @@ import numpy as np
 
 from cryosxt_sim.kinds import KINDS, Sample, draw_sample
 
-__all__ = ["HELD_OUT", "INSTRUMENTS", "RANDOM", "Instrument", "draw_instrument", "draw_rng", "get_instrument",
-           "in_held_out", "resolve"]
+__all__ = [
+    "HELD_OUT",
+    "INSTRUMENTS",
+    "RANDOM",
+    "Instrument",
+    "draw_instrument",
+    "draw_rng",
+    "get_instrument",
+    "in_held_out",
+    "resolve",
+]
 
 RANDOM = "random"
 DRAW_STREAM = 0x5E7D  # appended to the tomogram's seed: the draw's own random stream
@@ -48,20 +57,20 @@ INSTRUMENTS: dict[str, Instrument] = {
     "bessy": Instrument("bessy", 9.8, 65.0, 1.0, 30.0, 800.0, 1, 20),
     "mistral": Instrument("mistral", 13.0, 60.0, 1.0, 38.0, 500.0, -1, 20, jitter_px=0.5, flux_jitter=0.02),
     "b24": Instrument("b24", 20.0, 60.0, 2.0, 50.0, 2000.0, 1, 25, jitter_px=0.4, fiducials=(0, 2)),
-    "labsource": Instrument("labsource", 35.0, 60.0, 2.0, 80.0, 300.0, -1, 15, jitter_px=0.5,
-                            flux_jitter=0.03),
+    "labsource": Instrument("labsource", 35.0, 60.0, 2.0, 80.0, 300.0, -1, 15, jitter_px=0.5, flux_jitter=0.03),
     # Inside the held-out corner: a lab source with a coarse zone plate and a flat holder.
     "heldout": Instrument("heldout", 32.0, 56.0, 2.0, 75.0, 250.0, -1, 15, jitter_px=0.5, flux_jitter=0.03),
 }
 
-HELD_OUT = ("polarity -1 (dense dark) and voxel >= 28 nm and PSF FWHM >= 70 nm and tilt range <= +/-58 deg: "
-            "never drawn by 'random'")
+HELD_OUT = (
+    "polarity -1 (dense dark) and voxel >= 28 nm and PSF FWHM >= 70 nm and tilt range <= +/-58 deg: "
+    "never drawn by 'random'"
+)
 
 
 def in_held_out(inst: Instrument) -> bool:
     """Whether `inst` lies in the held-out corner (HELD_OUT) of the random instrument's space."""
-    return (inst.polarity < 0 and inst.voxel_size_nm >= 28.0 and inst.psf_fwhm_nm >= 70.0
-            and inst.tilt_max_deg <= 58.0)
+    return inst.polarity < 0 and inst.voxel_size_nm >= 28.0 and inst.psf_fwhm_nm >= 70.0 and inst.tilt_max_deg <= 58.0
 
 
 def get_instrument(instrument: str | Instrument, **overrides) -> Instrument:
@@ -100,15 +109,25 @@ def draw_instrument(rng: np.random.Generator) -> Instrument:
         step = float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0]))
         n_proj = 2 * int(math.floor(tilt / step + 1e-6)) + 1
         iterations = min(int(rng.integers(10, 41)), MAX_SIRT_WORK // n_proj)
-        inst = Instrument(RANDOM, voxel, tilt, step, psf, float(dose), polarity, iterations,
-                          jitter_px=round(float(rng.uniform(0.1, 0.6)), 2),
-                          flux_jitter=round(float(rng.uniform(0.005, 0.03)), 3))
+        inst = Instrument(
+            RANDOM,
+            voxel,
+            tilt,
+            step,
+            psf,
+            float(dose),
+            polarity,
+            iterations,
+            jitter_px=round(float(rng.uniform(0.1, 0.6)), 2),
+            flux_jitter=round(float(rng.uniform(0.005, 0.03)), 3),
+        )
         if not in_held_out(inst):
             return inst
 
 
-def resolve(instrument: str | Instrument, seed: int | Sequence[int], cell: str | Sample | None = None,
-            **overrides) -> tuple[Instrument, Sample]:
+def resolve(
+    instrument: str | Instrument, seed: int | Sequence[int], cell: str | Sample | None = None, **overrides
+) -> tuple[Instrument, Sample]:
     """The instrument and sample of the tomogram with this seed.
 
     instrument: a preset name, ``"random"`` (drawn from the seed) or an Instrument. cell: None (the

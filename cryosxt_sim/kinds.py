@@ -40,24 +40,41 @@ class CellKind:
     mito_width_nm: tuple[float, float] = (110.0, 220.0)
     vesicle_nm: tuple[float, float] = (30.0, 160.0)  # radius, log-uniform
     droplet_nm: tuple[float, float] = (80.0, 300.0)  # radius
-    density: dict[str, float] = field(default_factory=lambda: {
-        "mitochondrion": 0.8, "vesicle": 5.0, "droplet": 0.4, "er": 1.5, "granule": 40.0})
+    density: dict[str, float] = field(
+        default_factory=lambda: {"mitochondrion": 0.8, "vesicle": 5.0, "droplet": 0.4, "er": 1.5, "granule": 40.0}
+    )
 
 
 KINDS: dict[str, CellKind] = {
     "mammalian": CellKind("mammalian"),
     # Yeast-like: round walled cells of physical size, a few large vacuoles, many lipid droplets.
     "yeast": CellKind(
-        "yeast", layout="walled", p_sectioned=0.6, whole_min_nm=2600.0, filopodia=False,
+        "yeast",
+        layout="walled",
+        p_sectioned=0.6,
+        whole_min_nm=2600.0,
+        filopodia=False,
         wall_nm=(80.0, 200.0),
-        vacuoles=0.8, p_nucleus=0.8, nucleus_frac=(0.28, 0.4), mito_length_nm=(250.0, 700.0),
-        mito_width_nm=(100.0, 170.0), droplet_nm=(80.0, 220.0),
-        density={"mitochondrion": 0.6, "vesicle": 3.0, "droplet": 1.2, "er": 1.0, "granule": 40.0}),
+        vacuoles=0.8,
+        p_nucleus=0.8,
+        nucleus_frac=(0.28, 0.4),
+        mito_length_nm=(250.0, 700.0),
+        mito_width_nm=(100.0, 170.0),
+        droplet_nm=(80.0, 220.0),
+        density={"mitochondrion": 0.6, "vesicle": 3.0, "droplet": 1.2, "er": 1.0, "granule": 40.0},
+    ),
     # Crowded cytoplasm: a section inside one large cell, packed with small vesicles and ER tubules.
     "crowded": CellKind(
-        "crowded", p_sectioned=1.0, p_two=0.0, radius_one=(1.3, 2.2), dist_one=(0.4, 1.05),
-        filopodia=False, p_nucleus=0.3, vesicle_nm=(22.0, 90.0),
-        density={"mitochondrion": 0.6, "vesicle": 40.0, "droplet": 0.3, "er": 6.0, "granule": 80.0}),
+        "crowded",
+        p_sectioned=1.0,
+        p_two=0.0,
+        radius_one=(1.3, 2.2),
+        dist_one=(0.4, 1.05),
+        filopodia=False,
+        p_nucleus=0.3,
+        vesicle_nm=(22.0, 90.0),
+        density={"mitochondrion": 0.6, "vesicle": 40.0, "droplet": 0.3, "er": 6.0, "granule": 80.0},
+    ),
 }
 
 
@@ -95,7 +112,12 @@ def draw_sample(rng: np.random.Generator, cell: str | None = None) -> Sample:
     if cell not in (None, "random"):
         kind = str(cell)
     background = str(rng.choice(BACKGROUNDS, p=[0.4, 0.3, 0.3]))
-    return Sample(cell=kind, density=round(_log_uniform(rng, 0.5, 2.0), 3),
-                  ice_ratio=round(float(rng.uniform(0.7, 1.5)), 3), background=background, varied=True,
-                  cytoplasm_lac=round(float(rng.uniform(0.26, 0.36)), 3),
-                  membrane_lac=round(float(rng.uniform(0.65, 0.9)), 3))
+    return Sample(
+        cell=kind,
+        density=round(_log_uniform(rng, 0.5, 2.0), 3),
+        ice_ratio=round(float(rng.uniform(0.7, 1.5)), 3),
+        background=background,
+        varied=True,
+        cytoplasm_lac=round(float(rng.uniform(0.26, 0.36)), 3),
+        membrane_lac=round(float(rng.uniform(0.65, 0.9)), 3),
+    )

@@ -27,8 +27,11 @@ TEXTURE_STREAM = 0x7E87  # appended to the tomogram's seed: the paired phantoms'
 
 
 def simulate_pair(
-    shape: Sequence[int], instrument: str | Instrument = "bessy", seed: int | Sequence[int] = 0,
-    cell: str | Sample | None = None, factor: int = 2,
+    shape: Sequence[int],
+    instrument: str | Instrument = "bessy",
+    seed: int | Sequence[int] = 0,
+    cell: str | Sample | None = None,
+    factor: int = 2,
 ) -> tuple[SimulatedTomogram, SimulatedTomogram]:
     """(fine, coarse): `shape` at the instrument's voxel size and shape / factor at factor times it.
 
@@ -39,15 +42,17 @@ def simulate_pair(
     if factor < 2 or any(s % factor for s in shape) or min(shape) // factor < 8:
         raise ValueError(f"shape {shape} must be a multiple of factor {factor} with sides >= {8 * factor}")
     inst, sample = resolve(instrument, seed, cell)
-    coarse_inst = dataclasses.replace(inst, voxel_size_nm=inst.voxel_size_nm * factor,
-                                      dose=inst.dose * factor**2)
+    coarse_inst = dataclasses.replace(inst, voxel_size_nm=inst.voxel_size_nm * factor, dose=inst.dose * factor**2)
     coarse_shape = tuple(s // factor for s in shape)
     pz, px = padding(coarse_shape, coarse_inst, sample)  # padding in nm of the coarse grid, both grids
     vc = coarse_inst.voxel_size_nm
     grid = (coarse_shape[0] + 2 * pz, coarse_shape[1], coarse_shape[2] + 2 * px)
-    shared = {"extent_nm": tuple((n - 1) * vc for n in grid), "draw_voxel_nm": vc,
-              "area_step_nm": max(4 * vc, 40.0),
-              "texture_seed": (*(int(s) for s in np.atleast_1d(seed)), TEXTURE_STREAM)}
+    shared = {
+        "extent_nm": tuple((n - 1) * vc for n in grid),
+        "draw_voxel_nm": vc,
+        "area_step_nm": max(4 * vc, 40.0),
+        "texture_seed": (*(int(s) for s in np.atleast_1d(seed)), TEXTURE_STREAM),
+    }
     fine_layout = PairedLayout((factor * pz, factor * px), **shared)
     coarse_layout = PairedLayout((pz, px), **shared)
     fine = simulate_tomogram(shape, inst, seed, sample, layout=fine_layout)

@@ -44,8 +44,7 @@ from cryosxt_sim.kinds import KINDS, CellKind, Sample
 from cryosxt_sim.support import carbon_film
 from cryosxt_sim.yeast import vacuoles, walled_cells
 
-__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "PairedLayout", "Phantom",
-           "build_phantom"]
+__all__ = ["DENSITY", "ORGANELLES", "GT_HALF_VOXELS", "LAC", "MEMBRANE_NM", "PairedLayout", "Phantom", "build_phantom"]
 
 
 # ---------------------------------------------------------------- the phantom
@@ -83,8 +82,17 @@ class Phantom:
 class Builder:
     """Places and paints the objects of one phantom, in drawing order."""
 
-    def __init__(self, fov, voxel, pad, rng, fiducials, kind: CellKind | None = None,
-                 sample: Sample | None = None, layout: PairedLayout | None = None):
+    def __init__(
+        self,
+        fov,
+        voxel,
+        pad,
+        rng,
+        fiducials,
+        kind: CellKind | None = None,
+        sample: Sample | None = None,
+        layout: PairedLayout | None = None,
+    ):
         self.rng = rng
         # Paired phantoms draw their grid-sized noise from a stream of its own (see PairedLayout).
         self.texture_rng = np.random.default_rng(layout.texture_seed) if layout else rng
@@ -128,7 +136,7 @@ class Builder:
         """Clip everything at the sample faces (sectioned cells end there): LAC, labels, instances."""
         self.cv.mu *= self.ice_occ
         oz = self.cv.offset[0]
-        outside = self.ice_occ[oz:oz + self.cv.fov[0], 0, 0] < 0.5
+        outside = self.ice_occ[oz : oz + self.cv.fov[0], 0, 0] < 0.5
         self.cv.membrane[outside] = 0
         self.cv.instances[outside] = 0
 
@@ -160,8 +168,10 @@ class Builder:
                 return self.rng.uniform(lo[1], hi[1]), self.rng.uniform(lo[2], hi[2])
         if in_fov:
             return self.rng.uniform(0, self.fov_nm[1]), self.rng.uniform(0, self.fov_nm[2])
-        return (self.rng.uniform(max(lo[1], self.lo[1]), min(hi[1], self.hi[1])),
-                self.rng.uniform(max(lo[2], self.lo[2]), min(hi[2], self.hi[2])))
+        return (
+            self.rng.uniform(max(lo[1], self.lo[1]), min(hi[1], self.hi[1])),
+            self.rng.uniform(max(lo[2], self.lo[2]), min(hi[2], self.hi[2])),
+        )
 
     # -- slab and cells
     def ice(self, sectioned: bool) -> tuple[float, float]:
@@ -203,8 +213,16 @@ class Builder:
                 hh = self.rng.uniform(0.4, 0.5) * room
                 zc = ice[0] + MARGIN_NM + hh + self.rng.uniform(0, room - 2 * hh)
             amps = self.rng.uniform(0, 0.06, 4) / np.sqrt(np.arange(1, 5))
-            out.append(Cell(np.array([zc, ctr[1] + dist * np.sin(ang), ctr[2] + dist * np.cos(ang)]),
-                            radius, hh, self.rng.uniform(3.0, 6.0), amps, self.rng.uniform(0, 2 * np.pi, 4)))
+            out.append(
+                Cell(
+                    np.array([zc, ctr[1] + dist * np.sin(ang), ctr[2] + dist * np.cos(ang)]),
+                    radius,
+                    hh,
+                    self.rng.uniform(3.0, 6.0),
+                    amps,
+                    self.rng.uniform(0, 2 * np.pi, 4),
+                )
+            )
         return out
 
     def paint_cell(self, cell: Cell, others: list[Cell]) -> None:
@@ -234,12 +252,25 @@ class Builder:
         self.cv.paint(b, self.lac["cytoplasm"] + np.float32(0.04) * self.tex[b.sl], solid(d_cell, self.v))
         for fb, rel, df, _ in parts:  # actin-rich filopodium core, outside the body
             self.cv.paint(fb, self.lac["actin"], solid(df, self.v) * (1 - solid(d_body[rel], self.v)))
-        cid = self.add("cell", b, True, center_nm=rnd(cell.center), radius_nm=round(cell.radius, 1),
-                        half_height_nm=round(cell.half_height, 1), profile_power=round(cell.power, 2))
+        cid = self.add(
+            "cell",
+            b,
+            True,
+            center_nm=rnd(cell.center),
+            radius_nm=round(cell.radius, 1),
+            half_height_nm=round(cell.half_height, 1),
+            profile_power=round(cell.power, 2),
+        )
         self.cv.mark(b, d_cell <= 0, instance=cid)
         if cell.wall_nm > 0:  # not a lipid membrane: an instance, never in the mask
-            wid = self.add("cell_wall", b, False, parent=cid, thickness_nm=round(cell.wall_nm, 1),
-                           lac_per_um=round(cell.wall_lac, 3))
+            wid = self.add(
+                "cell_wall",
+                b,
+                False,
+                parent=cid,
+                thickness_nm=round(cell.wall_nm, 1),
+                lac_per_um=round(cell.wall_lac, 3),
+            )
             self.cv.mark(b, (d_cell > 0) & (d_cell <= cell.wall_nm), instance=wid)
         for fb, rel, df, (p0, p1, r) in parts:
             fid = self.add("filopodium", fb, True, parent=cid, **self._filo_params(cell, p0, p1, r))
@@ -260,8 +291,12 @@ class Builder:
         t = np.linspace(0, 1, 2001)
         outside = cell.f_points(p0 + t[:, None] * axis) > 0
         t_exit = t[np.argmax(outside)] if outside.any() else 1.0
-        return {"start_nm": rnd(p0), "end_nm": rnd(p1), "diameter_nm": round(2 * r, 1),
-                "length_nm": round(total * (1 - t_exit) + r, 1)}
+        return {
+            "start_nm": rnd(p0),
+            "end_nm": rnd(p1),
+            "diameter_nm": round(2 * r, 1),
+            "length_nm": round(total * (1 - t_exit) + r, 1),
+        }
 
     def _filopodia(self, cell: Cell, others: list[Cell]) -> list[tuple[np.ndarray, np.ndarray, float]]:
         out: list[tuple[np.ndarray, np.ndarray, float]] = []
@@ -353,8 +388,15 @@ class Builder:
         core = d_in + 40  # nucleoli stay this far inside it
         self.cv.paint(b, self.lac["perinuclear"], solid(d, self.v))
         self.cv.paint(b, np.minimum(chrom, 0.5), solid(d_in, self.v))
-        nid = self.add("nucleus", b, True, center_nm=rnd(c), radii_nm=rnd(radii), axes=rnd(rot.T, 4),
-                        envelope_spacing_nm=round(sep, 1))
+        nid = self.add(
+            "nucleus",
+            b,
+            True,
+            center_nm=rnd(c),
+            radii_nm=rnd(radii),
+            axes=rnd(rot.T, 4),
+            envelope_spacing_nm=round(sep, 1),
+        )
         self.cv.mark(b, d <= 0, instance=nid)
         for _ in range(self.rng.integers(1, 3)):  # nucleoli: dense, no membrane
             rr = radii * self.rng.uniform(0.15, 0.3)
@@ -364,8 +406,9 @@ class Builder:
             db = sdf_ellipsoid(b, c + off, rr, rot)
             self.cv.paint(b, self.lac["nucleolus"] + 0.03 * t, solid(db, self.v) * solid(core, self.v))
             nb = self.cv.block(c + off - rr.max(), c + off + rr.max())
-            oid = self.add("nucleolus", nb, False, parent=nid, center_nm=rnd(c + off), radii_nm=rnd(rr),
-                            axes=rnd(rot.T, 4))
+            oid = self.add(
+                "nucleolus", nb, False, parent=nid, center_nm=rnd(c + off), radii_nm=rnd(rr), axes=rnd(rot.T, 4)
+            )
             self.cv.mark(b, (db <= 0) & (core <= 0), instance=oid)
         for dd in (d, d_in):
             self.cv.paint(b, self.lac["membrane"], shell(dd, MEMBRANE_NM, self.v))
@@ -421,8 +464,9 @@ class Builder:
             reach = (b.z - cf[0]) * sd[0] + (b.y - cf[1]) * sd[1] + (b.x - cf[2]) * sd[2]
             dc = np.where((d <= inner) & (reach >= depth), np.abs(dc), np.inf)
             np.minimum(cristae, dc, out=cristae)
-        mid = self.add("mitochondrion", b, True, center_nm=rnd(c), semi_axes_nm=rnd(radii),
-                        axes=rnd(rot.T, 4), cristae=n_c)
+        mid = self.add(
+            "mitochondrion", b, True, center_nm=rnd(c), semi_axes_nm=rnd(radii), axes=rnd(rot.T, 4), cristae=n_c
+        )
         self.cv.mark(b, d <= 0, instance=mid)
         self.cv.paint(b, self.lac["membrane"], shell(cristae, MEMBRANE_NM, self.v))  # inf (no crista) -> 0
         self.cv.paint(b, self.lac["membrane"], shell(d, 1.5 * MEMBRANE_NM, self.v))  # outer + inner boundary
@@ -432,9 +476,11 @@ class Builder:
         """Vesicle (membrane, variable lumen), lipid droplet (dense, no membrane) or granule."""
         rng = self.rng
         k = self.kind
-        r = {"vesicle": lambda: math.exp(rng.uniform(math.log(k.vesicle_nm[0]), math.log(k.vesicle_nm[1]))),
-             "droplet": lambda: rng.uniform(*k.droplet_nm),
-             "granule": lambda: rng.uniform(12.0, 30.0)}[kind]()
+        r = {
+            "vesicle": lambda: math.exp(rng.uniform(math.log(k.vesicle_nm[0]), math.log(k.vesicle_nm[1]))),
+            "droplet": lambda: rng.uniform(*k.droplet_nm),
+            "granule": lambda: rng.uniform(12.0, 30.0),
+        }[kind]()
         r = min(r, 0.75 * (self.half_room(cell) - MARGIN_NM))
         if kind != "granule" and r < 2.5 * self.dv:
             return
@@ -472,8 +518,9 @@ class Builder:
         for _ in range(int(rng.uniform(500.0, 2000.0) / step)):
             heading += rng.normal(0, 0.35)
             climb = 0.8 * climb + rng.normal(0, 0.05)
-            q = pts[-1] + step * np.array([np.sin(climb), np.cos(climb) * np.sin(heading),
-                                           np.cos(climb) * np.cos(heading)])
+            q = pts[-1] + step * np.array(
+                [np.sin(climb), np.cos(climb) * np.sin(heading), np.cos(climb) * np.cos(heading)]
+            )
             fits = self.in_cell(cell, q + PROBE_DIRS * (r + MARGIN_NM), nucleus)
             if not fits or not self.free(q[None], np.array([r])):
                 break
@@ -489,8 +536,14 @@ class Builder:
         self.cv.paint(b, self.lac["er_lumen"], solid(d, self.v))
         self.cv.paint(b, self.lac["membrane"], shell(d, MEMBRANE_NM, self.v))
         self.cv.mark(b, gt_band(d, self.v), membrane=True)
-        oid = self.add("er", b, True, points_nm=[rnd(p) for p in pts], diameter_nm=round(2 * r, 1),
-                        length_nm=round(step * (len(pts) - 1), 1))
+        oid = self.add(
+            "er",
+            b,
+            True,
+            points_nm=[rnd(p) for p in pts],
+            diameter_nm=round(2 * r, 1),
+            length_nm=round(step * (len(pts) - 1), 1),
+        )
         self.cv.mark(b, d <= 0, instance=oid)
 
     def gold(self, ice: tuple[float, float]) -> None:
@@ -498,8 +551,13 @@ class Builder:
         for _ in range(self.rng.integers(self.fiducials[0], self.fiducials[1] + 1)):
             r = self.rng.uniform(50.0, 100.0)
             top = self.rng.random() < 0.5
-            c = np.array([ice[1] + 0.3 * r if top else ice[0] - 0.3 * r,
-                          self.rng.uniform(0, self.fov_nm[1]), self.rng.uniform(-0.2, 1.2) * self.fov_nm[2]])
+            c = np.array(
+                [
+                    ice[1] + 0.3 * r if top else ice[0] - 0.3 * r,
+                    self.rng.uniform(0, self.fov_nm[1]),
+                    self.rng.uniform(-0.2, 1.2) * self.fov_nm[2],
+                ]
+            )
             b = self.cv.block(c - r, c + r)
             if b is None:
                 continue
@@ -514,9 +572,15 @@ DENSITY = KINDS["mammalian"].density  # per um^2 of cell area (inside the FOV; h
 GOLD_BEADS = (1, 4)  # background "gold": beads on the ice surfaces
 
 
-def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, int], rng: np.random.Generator,
-                  fiducials: tuple[int, int] = (0, 2), sample: Sample | None = None,
-                  layout: PairedLayout | None = None) -> Phantom:
+def build_phantom(
+    fov: tuple[int, int, int],
+    voxel_nm: float,
+    pad: tuple[int, int],
+    rng: np.random.Generator,
+    fiducials: tuple[int, int] = (0, 2),
+    sample: Sample | None = None,
+    layout: PairedLayout | None = None,
+) -> Phantom:
     """Random cell phantom for an (nz, ny, nx) field of view; pad = (z, x) padding in voxels.
 
     sample: cell kind, organelle density, ice, background, appearance; the default is the mammalian
@@ -534,7 +598,7 @@ def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, in
     ice = bld.ice(sectioned)
     cells = walled_cells(bld, ice, sectioned) if kind.layout == "walled" else bld.cells(ice, sectioned)
     for i, cell in enumerate(cells):
-        bld.paint_cell(cell, cells[:i] + cells[i + 1:])
+        bld.paint_cell(cell, cells[:i] + cells[i + 1 :])
         nuc = bld.nucleus(cell)
         if kind.vacuoles:
             vacuoles(bld, cell, nuc)
@@ -555,9 +619,17 @@ def build_phantom(fov: tuple[int, int, int], voxel_nm: float, pad: tuple[int, in
         bld.paint_plasma_membrane()
     bld.cut_at_faces()
     bld.gold(ice)
-    info = {"ice_nm": rnd(ice), "cells": len(cells), "sectioned": sectioned, "lac_per_um": bld.lac,
-            "membrane_nm": MEMBRANE_NM, "gt_half_width_voxels": GT_HALF_VOXELS, "cell_kind": kind.name,
-            "organelle_density_scale": sample.density, "background": sample.background}
+    info = {
+        "ice_nm": rnd(ice),
+        "cells": len(cells),
+        "sectioned": sectioned,
+        "lac_per_um": bld.lac,
+        "membrane_nm": MEMBRANE_NM,
+        "gt_half_width_voxels": GT_HALF_VOXELS,
+        "cell_kind": kind.name,
+        "organelle_density_scale": sample.density,
+        "background": sample.background,
+    }
     if sample.background == "carbon":
         info["support"] = carbon_film(bld, ice)
     objects, instances = _finalise(bld)

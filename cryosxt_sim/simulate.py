@@ -34,8 +34,19 @@ from cryosxt_sim.kinds import KINDS, Sample
 from cryosxt_sim.phantom import PairedLayout, build_phantom
 from cryosxt_sim.tomography import acquire, reconstruct, tilt_angles
 
-__all__ = ["HELD_OUT", "INSTRUMENTS", "KINDS", "Instrument", "Sample", "SimulatedTomogram", "get_instrument",
-           "in_held_out", "main", "resolve", "simulate_tomogram"]
+__all__ = [
+    "HELD_OUT",
+    "INSTRUMENTS",
+    "KINDS",
+    "Instrument",
+    "Sample",
+    "SimulatedTomogram",
+    "get_instrument",
+    "in_held_out",
+    "main",
+    "resolve",
+    "simulate_tomogram",
+]
 
 
 @dataclass
@@ -63,9 +74,13 @@ def padding(shape: tuple[int, int, int], inst: Instrument, sample: Sample | None
     return pz, int(math.ceil(half - nx / 2)) + 2
 
 
-def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bessy",
-                      seed: int | Sequence[int] = 0, cell: str | Sample | None = None,
-                      layout: PairedLayout | None = None) -> SimulatedTomogram:
+def simulate_tomogram(
+    shape: Sequence[int],
+    instrument: str | Instrument = "bessy",
+    seed: int | Sequence[int] = 0,
+    cell: str | Sample | None = None,
+    layout: PairedLayout | None = None,
+) -> SimulatedTomogram:
     """Phantom -> tilt series (Beer-Lambert, PSF, Poisson) -> SIRT, with exact ground truth.
 
     instrument: a preset name, "random" (drawn from `seed`) or an Instrument; cell: see
@@ -81,15 +96,31 @@ def simulate_tomogram(shape: Sequence[int], instrument: str | Instrument = "bess
     pz, px = layout.pad if layout else padding(shape, inst, sample)
     ph = build_phantom(shape, v, (pz, px), rng, inst.fiducials, sample, layout)
     angles = tilt_angles(inst.tilt_max_deg, inst.tilt_step_deg)
-    sino = acquire(ph.mu, v, angles, shape[2], psf_fwhm_nm=inst.psf_fwhm_nm, dose=inst.dose, rng=rng,
-                   jitter_px=inst.jitter_px, flux_jitter=inst.flux_jitter)
+    sino = acquire(
+        ph.mu,
+        v,
+        angles,
+        shape[2],
+        psf_fwhm_nm=inst.psf_fwhm_nm,
+        dose=inst.dose,
+        rng=rng,
+        jitter_px=inst.jitter_px,
+        flux_jitter=inst.flux_jitter,
+    )
     del ph.mu
     rec = reconstruct(sino, shape[0], v, angles, inst.iterations)
     # The reconstruction grid is the FOV: centred in z on the padded phantom (same centre).
     rec *= np.float32(inst.polarity)  # float32 already: flip in place, no second volume
-    info = {**ph.info, "instrument": dataclasses.asdict(inst), "sample": dataclasses.asdict(sample),
-            "held_out": in_held_out(inst), "tilt_angles_deg": [float(a) for a in angles],
-            "shape": list(shape), "voxel_size_nm": v, "padding_voxels_zx": [pz, px]}
+    info = {
+        **ph.info,
+        "instrument": dataclasses.asdict(inst),
+        "sample": dataclasses.asdict(sample),
+        "held_out": in_held_out(inst),
+        "tilt_angles_deg": [float(a) for a in angles],
+        "shape": list(shape),
+        "voxel_size_nm": v,
+        "padding_voxels_zx": [pz, px],
+    }
     return SimulatedTomogram(rec, ph.membrane, ph.instances, ph.objects, v, inst.name, info)
 
 
@@ -104,8 +135,15 @@ def _shape(shape) -> tuple[int, int, int]:
 
 def _formats(formats) -> list[str]:
     items = formats.split(",") if isinstance(formats, str) else list(formats)
-    suffix = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz",
-              "ome.zarr": ".ome.zarr", "zarr": ".ome.zarr"}
+    suffix = {
+        "mrc": ".mrc",
+        "tif": ".tif",
+        "tiff": ".tif",
+        "nii": ".nii.gz",
+        "nii.gz": ".nii.gz",
+        "ome.zarr": ".ome.zarr",
+        "zarr": ".ome.zarr",
+    }
     try:
         return [suffix[f.strip().lower().lstrip(".")] for f in items if f.strip()]
     except KeyError as err:
@@ -125,10 +163,22 @@ def _write(folder: Path, name: str, array: np.ndarray, voxel: float, suffixes: l
         write_volume(folder / f"{name}{suf}", array, voxel)
 
 
-def main(out: str, count: int = 2, shape="32,192,192", seed: int = 0, instrument: str = "bessy",
-         unlabeled: int = 0, unlabeled_instrument: str | None = None, formats="mrc", prefix: str = "sim",
-         voxel_size_nm: float | None = None, tilt_max_deg: float | None = None,
-         tilt_step_deg: float | None = None, dose: float | None = None, cell: str | None = None) -> list[str]:
+def main(
+    out: str,
+    count: int = 2,
+    shape="32,192,192",
+    seed: int = 0,
+    instrument: str = "bessy",
+    unlabeled: int = 0,
+    unlabeled_instrument: str | None = None,
+    formats="mrc",
+    prefix: str = "sim",
+    voxel_size_nm: float | None = None,
+    tilt_max_deg: float | None = None,
+    tilt_step_deg: float | None = None,
+    dose: float | None = None,
+    cell: str | None = None,
+) -> list[str]:
     """Write `count` labeled and `unlabeled` unlabeled simulated tomograms in the training layout.
 
     Tomogram i of a run uses seed (seed, 0, i) (labeled) or (seed, 1, i) (unlabeled), so runs are
@@ -144,8 +194,7 @@ def main(out: str, count: int = 2, shape="32,192,192", seed: int = 0, instrument
         raise ValueError(f"--shape needs every side >= 8, got {shape!r}")
     suffixes = _formats(formats)
     count, unlabeled, seed = _count(count, "count"), _count(unlabeled, "unlabeled"), _count(seed, "seed")
-    over = {"voxel_size_nm": voxel_size_nm, "tilt_max_deg": tilt_max_deg, "tilt_step_deg": tilt_step_deg,
-            "dose": dose}
+    over = {"voxel_size_nm": voxel_size_nm, "tilt_max_deg": tilt_max_deg, "tilt_step_deg": tilt_step_deg, "dose": dose}
     for name in (instrument, unlabeled_instrument or instrument):  # bad names fail before any file
         resolve(name, 0, cell, **over)
     root = bundle_module("io.atomic").output_folder(out, "--out")

@@ -45,8 +45,13 @@ def carbon_film(bld: Builder, ice: tuple[float, float]) -> dict:
     off = rng.uniform(0, pitch, 2)
     z1 = ice[0]
     z0 = z1 - t
-    params = {"thickness_nm": round(t, 1), "z_nm": [round(z0, 1), round(z1, 1)],
-              "hole_diameter_nm": round(hole), "pitch_nm": round(pitch), "lac_per_um": CARBON_LAC}
+    params = {
+        "thickness_nm": round(t, 1),
+        "z_nm": [round(z0, 1), round(z1, 1)],
+        "hole_diameter_nm": round(hole),
+        "pitch_nm": round(pitch),
+        "lac_per_um": CARBON_LAC,
+    }
     b = bld.cv.block(np.array([z0 - v, bld.lo[1], bld.lo[2]]), np.array([z1 + v, bld.hi[1], bld.hi[2]]))
     if b is None:
         return params

@@ -62,13 +62,15 @@ def _joseph_csr(nz: int, nx: int, ndet: int, angles_deg: np.ndarray):
     return indptr, np.concatenate(cols), np.concatenate(vals).astype(np.float32)
 
 
-def _torch_csr(indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray,
-               shape: tuple[int, int]) -> torch.Tensor:
+def _torch_csr(indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "sparse CSR is beta" notice
-        return torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int32)),
-                                       torch.from_numpy(cols.astype(np.int32)),
-                                       torch.from_numpy(vals.astype(np.float32)), size=shape)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(indptr.astype(np.int32)),
+            torch.from_numpy(cols.astype(np.int32)),
+            torch.from_numpy(vals.astype(np.float32)),
+            size=shape,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,14 @@ class Projector:
         nz, ny, nx = volume.shape
         out = np.empty((len(self.angles_deg) * self.ndet, ny), np.float32)
         for y0 in range(0, ny, Y_CHUNK):
-            part = volume[:, y0:y0 + Y_CHUNK, :].transpose(2, 0, 1).reshape(nx * nz, -1)
+            part = volume[:, y0 : y0 + Y_CHUNK, :].transpose(2, 0, 1).reshape(nx * nz, -1)
             x = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
-            out[:, y0:y0 + Y_CHUNK] = (self.matrix @ x).numpy()
+            out[:, y0 : y0 + Y_CHUNK] = (self.matrix @ x).numpy()
         return out.reshape(len(self.angles_deg), self.ndet, ny)
 
 
 @functools.lru_cache(maxsize=4)
-def get_projector(nz: int, nx: int, ndet: int, angles_deg: tuple[float, ...],
-                  with_transpose: bool) -> Projector:
+def get_projector(nz: int, nx: int, ndet: int, angles_deg: tuple[float, ...], with_transpose: bool) -> Projector:
     """Build (once per geometry) the projection matrix; cached for the next tomogram."""
     indptr, cols, vals = _joseph_csr(nz, nx, ndet, np.asarray(angles_deg))
     shape = (len(angles_deg) * ndet, nx * nz)
@@ -109,8 +110,7 @@ def get_projector(nz: int, nx: int, ndet: int, angles_deg: tuple[float, ...],
     return Projector(nz, nx, ndet, tuple(angles_deg), mat, tr)
 
 
-def sirt(sinogram: np.ndarray, nz: int, angles_deg: np.ndarray, iterations: int,
-         extend: int = 0) -> np.ndarray:
+def sirt(sinogram: np.ndarray, nz: int, angles_deg: np.ndarray, iterations: int, extend: int = 0) -> np.ndarray:
     """SIRT x += C A^T R (b - A x) from zero, C/R = inverse column/row sums (as ASTRA, IMOD).
 
     sinogram: (n_angles, nx, ny) line integrals in voxel units; returns (nz, ny, nx). The grid is
@@ -126,7 +126,7 @@ def sirt(sinogram: np.ndarray, nz: int, angles_deg: np.ndarray, iterations: int,
     c_inv = torch.where(col > 1e-6, 1.0 / col.clamp_min(1e-6), torch.zeros_like(col))
     out = np.empty((nz, ny, nx), np.float32)
     for y0 in range(0, ny, Y_CHUNK):
-        part = sinogram[:, :, y0:y0 + Y_CHUNK].reshape(n_a * nx, -1)
+        part = sinogram[:, :, y0 : y0 + Y_CHUNK].reshape(n_a * nx, -1)
         b = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
         x = torch.zeros(wide * nz, b.shape[1])
         for _ in range(iterations):
@@ -135,8 +135,8 @@ def sirt(sinogram: np.ndarray, nz: int, angles_deg: np.ndarray, iterations: int,
             upd = p.transpose @ resid
             upd *= c_inv
             x += upd
-        vol = x.numpy().reshape(wide, nz, -1)[extend:extend + nx]
-        out[:, y0:y0 + Y_CHUNK, :] = vol.transpose(1, 2, 0)
+        vol = x.numpy().reshape(wide, nz, -1)[extend : extend + nx]
+        out[:, y0 : y0 + Y_CHUNK, :] = vol.transpose(1, 2, 0)
     return out
 
 
@@ -176,8 +176,14 @@ def acquire(
     return -np.log(np.maximum(trans, 1e-6), dtype=np.float32)
 
 
-def reconstruct(line_integrals: np.ndarray, nz: int, voxel_nm: float, angles_deg: np.ndarray,
-                iterations: int, extend: int | None = None) -> np.ndarray:
+def reconstruct(
+    line_integrals: np.ndarray,
+    nz: int,
+    voxel_nm: float,
+    angles_deg: np.ndarray,
+    iterations: int,
+    extend: int | None = None,
+) -> np.ndarray:
     """SIRT reconstruction of (n_a, nx, ny) line integrals to a (nz, ny, nx) LAC map in 1/um.
 
     By default the grid is widened by nz/2 tan(max tilt) + 4 voxels per side: edge artifacts of

@@ -68,8 +68,18 @@ def walled_cells(bld: Builder, ice: tuple[float, float], sectioned: bool) -> lis
             inner = max(room - 2 * wall, 0.2 * room)
             hh = min(r * rng.uniform(0.8, 0.95), rng.uniform(0.4, 0.5) * inner)
             zc = ice[0] + MARGIN_NM + wall + hh + rng.uniform(0, max(inner - 2 * hh, 0.0))
-        out.append(Cell(np.array([zc, *yx]), r, hh, rng.uniform(2.0, 2.6), amps, rng.uniform(0, 2 * np.pi, 4),
-                        wall_nm=wall, wall_lac=rng.uniform(*WALL_LAC)))
+        out.append(
+            Cell(
+                np.array([zc, *yx]),
+                r,
+                hh,
+                rng.uniform(2.0, 2.6),
+                amps,
+                rng.uniform(0, 2 * np.pi, 4),
+                wall_nm=wall,
+                wall_lac=rng.uniform(*WALL_LAC),
+            )
+        )
     return out
 
 
@@ -114,6 +124,14 @@ def vacuoles(bld: Builder, cell: Cell, nucleus) -> None:
             bld.cv.paint(b, rng.uniform(*POLYP_LAC), solid(db, v) * inner)
         bld.cv.paint(b, bld.lac["membrane"], shell(d, MEMBRANE_NM, v))
         bld.cv.mark(b, gt_band(d, v), membrane=True)
-        vid = bld.add("vacuole", b, True, center_nm=rnd(c), radii_nm=rnd(radii), axes=rnd(rot.T, 4),
-                      lumen_lac_per_um=round(lumen, 3), polyphosphate_bodies=n_bodies)
+        vid = bld.add(
+            "vacuole",
+            b,
+            True,
+            center_nm=rnd(c),
+            radii_nm=rnd(radii),
+            axes=rnd(rot.T, 4),
+            lumen_lac_per_um=round(lumen, 3),
+            polyphosphate_bodies=n_bodies,
+        )
         bld.cv.mark(b, d <= 0, instance=vid)

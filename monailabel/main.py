@@ -56,8 +56,9 @@ class CheckedSessions(Sessions):
     """MONAI Label's sessions (a volume 3D Slicer uploads to segment without adding it to the
     datastore), with a refused archive answered as HTTP 400 instead of a bare 500."""
 
-    def add_session(self, data_file: str, expiry: int = 0, uncompress: bool = False,
-                    session_id: str | None = None) -> Any:
+    def add_session(
+        self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id: str | None = None
+    ) -> Any:
         try:
             return super().add_session(data_file, expiry, uncompress, session_id)
         except (tarfile.TarError, shutil.ReadError) as err:
@@ -119,16 +120,16 @@ class CryoSXTMembraneApp(MONAILabelApp):
 
     # ------------------------------------------------------------------ requests
 
-    def checked_train_options(self, request: dict[str, Any] | None, params: dict[str, Any] | None
-                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    def checked_train_options(
+        self, request: dict[str, Any] | None, params: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(request, params) of a training request with the options parsed to their types; HTTP 404
         for an unknown trainer, 422 naming a bad option. Runs in the server before the task starts."""
         request = dict(request or {})
         model = request.pop("model", None)
         task = self._trainers.get(model) if isinstance(model, str) else None
         if task is None:
-            raise HTTPException(status_code=404,
-                                detail=f"no trainer {model!r}; trainers: {sorted(self._trainers)}")
+            raise HTTPException(status_code=404, detail=f"no trainer {model!r}; trainers: {sorted(self._trainers)}")
         options = {**request, **(params or {})}
         for name in self._trainers:  # the deprecated POST /train/ also nests the options per model
             if isinstance(options.get(name), dict):
@@ -155,13 +156,18 @@ class CryoSXTMembraneApp(MONAILabelApp):
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="no image: give a datastore id as ?image=ID")
         if any(c in image for c in ("/", "\\")) or image in (".", ".."):
-            raise HTTPException(status_code=400, detail=f"image {image!r} is a path: /infer takes the id "
-                                "of a datastore image (add files with PUT /datastore/image); known images: "
-                                f"{known_ids(store.list_images())}")
+            raise HTTPException(
+                status_code=400,
+                detail=f"image {image!r} is a path: /infer takes the id "
+                "of a datastore image (add files with PUT /datastore/image); known images: "
+                f"{known_ids(store.list_images())}",
+            )
         uri = store.get_image_uri(image)  # 400 from the datastore for a name or file it refuses
         if not uri:
-            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore; "
-                                f"known images: {known_ids(store.list_images())}")
+            raise HTTPException(
+                status_code=404,
+                detail=f"image {image!r} is not in the datastore; known images: {known_ids(store.list_images())}",
+            )
         return uri
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
@@ -171,8 +177,11 @@ class CryoSXTMembraneApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"no model {model!r}; models: {sorted(self._infers)}")
         task = self._infers[model]
         if not task.is_valid():
-            raise HTTPException(status_code=503, detail=f"model {model!r} has no weights yet: train it first "
-                                "(POST /train) or upload weights (PUT /model)")
+            raise HTTPException(
+                status_code=503,
+                detail=f"model {model!r} has no weights yet: train it first "
+                "(POST /train) or upload weights (PUT /model)",
+            )
         store = datastore if datastore else self.datastore()
         options = {k: v for k, v in request.items() if k not in INFER_ENDPOINT_KEYS}
         try:
@@ -202,15 +211,16 @@ class CryoSXTMembraneApp(MONAILabelApp):
 
     def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         # MONAI Label would tile .tif studies as slides and call the task directly, past infer's checks.
-        raise HTTPException(status_code=400,
-                            detail="this app segments whole tomograms: use POST /infer/{model}")
+        raise HTTPException(status_code=400, detail="this app segments whole tomograms: use POST /infer/{model}")
 
     def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         raise HTTPException(status_code=400, detail=BATCH_REFUSED)
 
 
-BATCH_REFUSED = ("batch inference is not offered by this app: run POST /infer per image, or the bundle's "
-                 "inference runner (docs/inference.md) for a folder")
+BATCH_REFUSED = (
+    "batch inference is not offered by this app: run POST /infer per image, or the bundle's "
+    "inference runner (docs/inference.md) for a folder"
+)
 
 
 def _check_background_requests(app: CryoSXTMembraneApp) -> None:
@@ -224,8 +234,13 @@ def _check_background_requests(app: CryoSXTMembraneApp) -> None:
     if getattr(stock, "cryosxt_checked", False):
         return
 
-    def run(method: str, request: dict | None = None, params: dict | None = None, force_sync: bool = False,
-            enqueue: bool = False) -> Any:
+    def run(
+        method: str,
+        request: dict | None = None,
+        params: dict | None = None,
+        force_sync: bool = False,
+        enqueue: bool = False,
+    ) -> Any:
         if method == "batch_infer":
             raise HTTPException(status_code=400, detail=BATCH_REFUSED)
         if method == "train":

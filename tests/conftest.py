@@ -16,8 +16,9 @@ def monailabel_module(name: str) -> Any:
     package = "cryosxt_monailabel_lib"
     if package not in sys.modules:
         lib = REPO / "monailabel" / "lib"
-        spec = importlib.util.spec_from_file_location(package, lib / "__init__.py",
-                                                      submodule_search_locations=[str(lib)])
+        spec = importlib.util.spec_from_file_location(
+            package, lib / "__init__.py", submodule_search_locations=[str(lib)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[package] = module
         spec.loader.exec_module(module)
@@ -33,7 +34,6 @@ def fixtures_dir() -> Path:
 def weights(tmp_path: Path) -> Path:
     """Random width-4 weights: small enough that every runner test is quick."""
     import torch
-
     from scripts.network.double_decoder import DoubleDecoderNet
 
     torch.manual_seed(0)

@@ -11,15 +11,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.io.weights_metadata import read_metadata
 from scripts.train.adapt import ADAPTED, REPORT, source_dataset
 from scripts.train.dataset import list_training_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = f"['{REPO / 'bundle/configs/train.json'}','{REPO / 'bundle/configs/adapt.json'}']"
-TINY = ["--patch_size", "64", "--batch_size", "2", "--num_workers", "0", "--progress_bar", "false",
-        "--unlabeled_steps_per_epoch", "3", "--report_slices", "2"]
+TINY = [
+    "--patch_size",
+    "64",
+    "--batch_size",
+    "2",
+    "--num_workers",
+    "0",
+    "--progress_bar",
+    "false",
+    "--unlabeled_steps_per_epoch",
+    "3",
+    "--report_slices",
+    "2",
+]
 
 
 def _run(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -42,9 +53,21 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_adapting_runs_end_to_end_and_reports_before_and_after(folders, weights: Path, tmp_path: Path):
     out = tmp_path / "run"
-    proc = _run("--init_weights", str(weights), "--dataset_dir", str(folders["source"]),
-                "--unlabeled_dir", str(folders["unlabeled"]), "--check_dir", str(folders["check"]),
-                "--output_dir", str(out), "--adapt_epochs", "2", *TINY)
+    proc = _run(
+        "--init_weights",
+        str(weights),
+        "--dataset_dir",
+        str(folders["source"]),
+        "--unlabeled_dir",
+        str(folders["unlabeled"]),
+        "--check_dir",
+        str(folders["check"]),
+        "--output_dir",
+        str(out),
+        "--adapt_epochs",
+        "2",
+        *TINY,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "training starts from the weights of" in log
@@ -70,8 +93,15 @@ def test_adapting_runs_end_to_end_and_reports_before_and_after(folders, weights:
 
 
 def test_adapting_without_unlabeled_dir_stops_with_one_clear_line(folders, weights: Path, tmp_path: Path):
-    proc = _run("--init_weights", str(weights), "--dataset_dir", str(folders["source"]),
-                "--output_dir", str(tmp_path / "run"), *TINY)
+    proc = _run(
+        "--init_weights",
+        str(weights),
+        "--dataset_dir",
+        str(folders["source"]),
+        "--output_dir",
+        str(tmp_path / "run"),
+        *TINY,
+    )
     assert proc.returncode != 0
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert "adapting needs --unlabeled_dir" in last, last
@@ -83,6 +113,7 @@ def test_source_data_are_simulated_once_with_interior_slices_annotated(tmp_path:
     labeled, unlabeled = list_training_data(folder)
     assert len(labeled) == 1 and not unlabeled
     assert labeled[0].annotated_slices == list(range(2, 8))  # 20 %..80 % of 10 slices
+
     def stamp() -> tuple:
         return (folder / "images").stat().st_mtime_ns, sorted(p.name for p in (folder / "images").iterdir())
 
@@ -97,20 +128,36 @@ def test_source_data_are_simulated_once_with_interior_slices_annotated(tmp_path:
 @pytest.mark.slow  # two tiny adaptations and three inference arms through the real commands: ~2 min
 def test_adaptation_benchmark_runs_on_tiny_data(folders, weights: Path, tmp_path: Path):
     script = REPO / "bench" / "bench_adaptation.py"
-    args = ["--weights", str(weights), "--seeds", "1", "--unlabeled", "1", "--unlabeled-shape", "8,64,64",
-            "--shape", "16,64,64", "--epochs", "1", "--source", str(folders["source"]),
-            "--work", str(tmp_path), "--json", str(tmp_path / "r.json")]
-    for option in ("patch_size=64", "batch_size=2", "num_workers=0", "unlabeled_steps_per_epoch=2",
-                   "report_slices=2"):
+    args = [
+        "--weights",
+        str(weights),
+        "--seeds",
+        "1",
+        "--unlabeled",
+        "1",
+        "--unlabeled-shape",
+        "8,64,64",
+        "--shape",
+        "16,64,64",
+        "--epochs",
+        "1",
+        "--source",
+        str(folders["source"]),
+        "--work",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    for option in ("patch_size=64", "batch_size=2", "num_workers=0", "unlabeled_steps_per_epoch=2", "report_slices=2"):
         args += ["--option", option]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     lines = proc.stdout.splitlines()
     assert any(line.startswith("| before |") for line in lines)
-    assert any(line.startswith("| adapt |") for line in lines) and any(line.startswith("| control |")
-                                                                       for line in lines)
+    assert any(line.startswith("| adapt |") for line in lines) and any(line.startswith("| control |") for line in lines)
     assert any(line.startswith("- Dice after adaptation") for line in lines)
     summary = json.loads((tmp_path / "r.json").read_text())["summary"]
     control = read_metadata(tmp_path / "runs" / "control_s0" / "e1" / ADAPTED)

@@ -24,7 +24,6 @@ from monai.transforms import (
     RandZoomd,
     SpatialPadd,
 )
-
 from scripts.io.volume import write_volume
 from scripts.train.augment import check_recipe
 from scripts.train.slices import LoadSliced
@@ -67,16 +66,18 @@ def _seed(compose: Compose, seed: int = 3) -> Compose:
 def _paper_pipeline() -> Compose:
     """The paper's recipe as train.json had it before the robust recipe (label padded with 0)."""
     keys = ["image", "label", "mask"]
-    return Compose([
-        LoadSliced(keys=["image", "label"], allow_missing_keys=True),
-        NormalizeIntensityd(keys="image", channel_wise=True),
-        SpatialPadd(keys=keys, spatial_size=[PATCH, PATCH], allow_missing_keys=True),
-        RandSpatialCropd(keys=keys, roi_size=[PATCH, PATCH], random_size=False, allow_missing_keys=True),
-        RandRotate90d(keys=keys, prob=0.75, max_k=3, allow_missing_keys=True),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
-        EnsureTyped(keys=keys, track_meta=False, allow_missing_keys=True),
-    ])
+    return Compose(
+        [
+            LoadSliced(keys=["image", "label"], allow_missing_keys=True),
+            NormalizeIntensityd(keys="image", channel_wise=True),
+            SpatialPadd(keys=keys, spatial_size=[PATCH, PATCH], allow_missing_keys=True),
+            RandSpatialCropd(keys=keys, roi_size=[PATCH, PATCH], random_size=False, allow_missing_keys=True),
+            RandRotate90d(keys=keys, prob=0.75, max_k=3, allow_missing_keys=True),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),
+            EnsureTyped(keys=keys, track_meta=False, allow_missing_keys=True),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +110,15 @@ def _is_augmentation(t: object) -> bool:
 
 def test_every_augmentation_has_its_own_key_and_the_reference_turns_all_off():
     keys = _aug_prob_keys()
-    assert {"aug_invert_prob", "aug_zoom_prob", "aug_blur_prob", "aug_contrast_prob", "aug_noise_prob",
-            "aug_scale_prob", "aug_shift_prob"} <= set(keys)
+    assert {
+        "aug_invert_prob",
+        "aug_zoom_prob",
+        "aug_blur_prob",
+        "aug_contrast_prob",
+        "aug_noise_prob",
+        "aug_scale_prob",
+        "aug_shift_prob",
+    } <= set(keys)
     marks = {k: (i + 1) / 100 for i, k in enumerate(keys)}  # a distinct probability per key
     robust = [t for t in _pipeline(False, **marks).transforms if _is_augmentation(t)]
     assert sorted(float(t.prob) for t in robust) == sorted(marks.values())  # one transform per key
@@ -144,8 +152,7 @@ def test_each_augmentation_switched_off_is_as_if_absent(key: str, slices: list[d
     marked = _pipeline(False, **{**everything, key: 0.37}).transforms
     (index,) = [i for i, t in enumerate(marked) if getattr(t, "prob", None) == 0.37]
     switched_off = _pipeline(False, **{**everything, key: 0.0})
-    removed = Compose([t for i, t in enumerate(_pipeline(False, **{**everything, key: 0.0}).transforms)
-                       if i != index])
+    removed = Compose([t for i, t in enumerate(_pipeline(False, **{**everything, key: 0.0}).transforms) if i != index])
     for a, b in zip(_run(_seed(switched_off), slices, 3), _run(_seed(removed), slices, 3), strict=True):
         assert a.keys() == b.keys()
         for k in ("image", "label", "mask"):
@@ -267,9 +274,28 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_robust_recipe_trains_one_epoch_and_is_recorded(tiny_dataset: Path, tmp_path: Path):
     out = tmp_path / "run"
-    _bundle(["--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset),
-             "--output_dir", str(out), "--train#trainer#max_epochs", "1", "--width", "4",
-             "--patch_size", "64", "--num_workers", "1", "--progress_bar", "false", "--labeled_repeats", "1"])
+    _bundle(
+        [
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--dataset_dir",
+            str(tiny_dataset),
+            "--output_dir",
+            str(out),
+            "--train#trainer#max_epochs",
+            "1",
+            "--width",
+            "4",
+            "--patch_size",
+            "64",
+            "--num_workers",
+            "1",
+            "--progress_bar",
+            "false",
+            "--labeled_repeats",
+            "1",
+        ]
+    )
     record = json.loads((out / "recipe.json").read_text())
     assert record["recipe"] == "robust" and record["aug_invert_prob"] == 0.5
     assert record["aug_zoom_range"] == [0.5, 2.0]
@@ -279,9 +305,23 @@ def test_robust_recipe_trains_one_epoch_and_is_recorded(tiny_dataset: Path, tmp_
 
 
 def test_recipe_reference_without_its_config_stops_before_training(tiny_dataset: Path, tmp_path: Path):
-    proc = _bundle(["--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset),
-                    "--output_dir", str(tmp_path / "run"), "--recipe", "reference", "--num_workers", "0",
-                    "--width", "4"], check=False)
+    proc = _bundle(
+        [
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--dataset_dir",
+            str(tiny_dataset),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--recipe",
+            "reference",
+            "--num_workers",
+            "0",
+            "--width",
+            "4",
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ERROR: recipe 'reference' with aug_zoom_prob=0.5")

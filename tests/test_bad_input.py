@@ -18,9 +18,9 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from scripts.io.volume import write_volume
 
 from conftest import REPO
-from scripts.io.volume import write_volume
 
 CONFIGS = REPO / "bundle" / "configs"
 MARKER_ENV = "CRYOSXT_TEST_MARKER"

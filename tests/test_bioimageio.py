@@ -14,14 +14,14 @@ import torch
 from bioimageio.core import create_prediction_pipeline
 from bioimageio.core.digest_spec import create_sample_for_model
 from bioimageio.spec import load_model_description
-
-from conftest import REPO
-from cryosxt_sim.simulate import get_instrument, simulate_tomogram
 from scripts.infer.predict import SlicePredictor
 from scripts.io.volume import VolumeError, write_volume
 from scripts.network.bioimageio import DOI, HALO, export_bioimageio
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.weights import load_weights, weights_info
+
+from conftest import REPO
+from cryosxt_sim.simulate import get_instrument, simulate_tomogram
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from scripts.network.buffers import BufferBudget, TensorPool
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import _max_pool, fuse_for_inference

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
+from scripts.io.volume import write_volume
 
 from conftest import REPO
-from scripts.io.volume import write_volume
 
 CONFIGS = REPO / "bundle" / "configs"
 MANDATORY = [

@@ -12,12 +12,12 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO
 from scripts.infer.predict import SlicePredictor
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
 from scripts.network.weights import load_weights
+
+from conftest import REPO
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-
 from scripts.io.labels import LabelError
 from scripts.io.volume import VolumeError, open_volume, write_volume
 from scripts.train.dataset import (

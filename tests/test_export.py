@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.export import export_onnx
+
+from conftest import REPO
 
 
 @pytest.fixture

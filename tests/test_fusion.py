@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from scripts.infer.predict import SlicePredictor
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import FusedConv, _Lin, _run, fuse_for_inference
 from scripts.network.keras import load_keras_weights
+from torch import nn
 
 
 def _randomised(width: int, outputs: str, seed: int = 0) -> DoubleDecoderNet:

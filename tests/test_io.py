@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tifffile
 from monai.transforms import LoadImage, LoadImaged
-
 from scripts.io.atomic import atomic_output
 from scripts.io.readers import MrcReader, NiftiVolumeReader, TiffStackReader, VolumeReader
 from scripts.io.volume import (
@@ -149,13 +148,29 @@ def test_compressed_tiff_round_trip(tmp_path):
 def test_foreign_tiff_calibrations_convert_to_nm(tmp_path):
     array = sample("uint16")
     ij = tmp_path / "ij.tif"
-    tifffile.imwrite(ij, array, imagej=True, resolution=(1 / 0.0098, 1 / 0.0098),
-                     metadata={"spacing": 0.0196, "unit": "micron", "axes": "ZYX"})
+    tifffile.imwrite(
+        ij,
+        array,
+        imagej=True,
+        resolution=(1 / 0.0098, 1 / 0.0098),
+        metadata={"spacing": 0.0196, "unit": "micron", "axes": "ZYX"},
+    )
     assert open_volume(ij).voxel_size_nm == pytest.approx((19.6, 9.8, 9.8))
     ome = tmp_path / "ome.ome.tif"
-    tifffile.imwrite(ome, array, ome=True, metadata={
-        "axes": "ZYX", "PhysicalSizeX": 98.0, "PhysicalSizeXUnit": "\u00c5", "PhysicalSizeY": 9.8,
-        "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.0098, "PhysicalSizeZUnit": "\u00b5m"})
+    tifffile.imwrite(
+        ome,
+        array,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 98.0,
+            "PhysicalSizeXUnit": "\u00c5",
+            "PhysicalSizeY": 9.8,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 0.0098,
+            "PhysicalSizeZUnit": "\u00b5m",
+        },
+    )
     assert open_volume(ome).voxel_size_nm == pytest.approx((9.8, 9.8, 9.8))
     plain = tmp_path / "plain.tif"
     with tifffile.TiffWriter(plain) as tw:  # separate pages, no metadata at all
@@ -301,8 +316,7 @@ def test_nan_in_tomogram_refused_with_slice_count(tmp_path):
 
 
 def test_find_volumes(tmp_path):
-    for name in ["b.MRC", "a.nii.gz", "c.tiff", "d.rec", ".hidden.mrc", ".x.partial-ab12.mrc", "e.txt",
-                 "f.slices.txt"]:
+    for name in ["b.MRC", "a.nii.gz", "c.tiff", "d.rec", ".hidden.mrc", ".x.partial-ab12.mrc", "e.txt", "f.slices.txt"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.mrc").mkdir()
     assert [p.name for p in find_volumes(tmp_path)] == ["a.nii.gz", "b.MRC", "c.tiff", "d.rec"]

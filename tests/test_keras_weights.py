@@ -5,11 +5,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.keras import KerasWeightsError, load_keras_weights
 from scripts.network.weights import convert, weights_info
+
+from conftest import REPO
 
 
 def _nchw(array: np.ndarray) -> torch.Tensor:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import correlate1d
-
 from scripts.train.losses import LabeledLoss, UnlabeledLoss, masked_huber
 from scripts.train.metrics import image_counts, label_counts, label_scores
 

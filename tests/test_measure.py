@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 from scipy.special import ellipeinc, ellipkinc
-from skimage.measure import regionprops
-
 from scripts.surfaces.measure import caliper_width, cross_sections, measure_object, moments, summarize
 from scripts.surfaces.meshes import mask_surface, object_surface
 from scripts.surfaces.morphology import ObjectInfo, find_objects, object_crop
+from skimage.measure import regionprops
 
 ISO = (9.8, 9.8, 9.8)
 ANISO = (20.0, 9.8, 9.8)
@@ -68,9 +67,7 @@ def capsule_exact(d, length):
     r, h = d / 2, (length - d) / 2
     v = math.pi * r * r * 2 * h + 4 / 3 * math.pi * r**3
     area = 2 * math.pi * r * 2 * h + 4 * math.pi * r * r
-    ixx = (
-        math.pi * r * r * 2 * h**3 / 3 + 2 * quad(lambda u: (h + u) ** 2 * math.pi * (r * r - u * u), 0, r)[0]
-    )
+    ixx = math.pi * r * r * 2 * h**3 / 3 + 2 * quad(lambda u: (h + u) ** 2 * math.pi * (r * r - u * u), 0, r)[0]
     iyy = 2 * h * math.pi * r**4 / 4 + 4 * math.pi * r**5 / 15
     return v, area, math.sqrt(20 * ixx / v), math.sqrt(20 * iyy / v)
 
@@ -116,9 +113,7 @@ def test_sphere(spacing):
     assert _rel(row["surface_area_nm2_raw"], a) > 0.05  # the staircase the smoothing removes
     for key in ("axis_major_nm", "axis_middle_nm", "axis_minor_nm"):
         assert _rel(row[key], 2 * radius) < 0.05
-    assert row["surface_to_volume_um-1"] == pytest.approx(
-        1000 * row["surface_area_nm2"] / row["volume_nm3_mesh"]
-    )
+    assert row["surface_to_volume_um-1"] == pytest.approx(1000 * row["surface_area_nm2"] / row["volume_nm3_mesh"])
 
 
 def test_ellipsoid_anisotropic():
@@ -209,7 +204,6 @@ def test_axes_equal_regionprops_with_anisotropic_spacing():
 def test_cross_section_axes_equal_regionprops_and_taubin_equals_trimesh():
     import trimesh
     from scipy import ndimage
-
     from scripts.surfaces.measure import _ellipse_axes
     from scripts.surfaces.meshes import taubin
 
@@ -301,8 +295,14 @@ def test_summary_uses_only_objects_off_the_border():
     ],
 )
 def test_objects_too_small_or_thin_for_a_mesh_get_nan_and_a_flag(name, smoothing, degenerate):
-    sizes = {"voxel": (1, 1, 1), "filament": (1, 1, 12), "strip": (1, 2, 2), "cube2": (2, 2, 2),
-             "plate": (1, 6, 7), "diagonal": (6, 6, 6)}
+    sizes = {
+        "voxel": (1, 1, 1),
+        "filament": (1, 1, 12),
+        "strip": (1, 2, 2),
+        "cube2": (2, 2, 2),
+        "plate": (1, 6, 7),
+        "diagonal": (6, 6, 6),
+    }
     mask = np.ones(sizes[name], bool)
     if name == "diagonal":  # voxels touching only at their corners
         mask = np.zeros_like(mask)

@@ -5,8 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from scripts.infer.memory import (
     GIB,
     RUNTIME_BYTES,
@@ -16,6 +14,7 @@ from scripts.infer.memory import (
 )
 from scripts.infer.predict import SlicePredictor
 from scripts.network.double_decoder import DoubleDecoderNet
+from torch import nn
 
 WEIGHTS = 600 << 20  # about the width-64 network and its fused copy
 

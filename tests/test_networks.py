@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from scripts.network.double_decoder import DoubleDecoderNet, count_values
 
 

@@ -19,8 +19,6 @@ import numcodecs
 import numpy as np
 import pytest
 import zarr
-
-from conftest import REPO
 from scripts.io.readers import VolumeReader
 from scripts.io.volume import (
     SliceWriter,
@@ -33,6 +31,8 @@ from scripts.io.volume import (
 )
 from scripts.train.dataset import list_training_data
 from scripts.train.slices import LoadSliced
+
+from conftest import REPO
 
 CONFIG = REPO / "bundle" / "configs" / "inference.json"
 VOX = (20.0, 9.8, 9.81)  # (z, y, x) nm, all different to catch axis swaps
@@ -47,8 +47,14 @@ def _axes(units: str | None = "micrometer", names: str = "zyx") -> list[dict]:
     return axes
 
 
-def _ngff(path: Path, levels: list[np.ndarray], scales: list[list[float]], axes: list[dict],
-          chunks: tuple[int, ...] | None = None, **image: object) -> Path:
+def _ngff(
+    path: Path,
+    levels: list[np.ndarray],
+    scales: list[list[float]],
+    axes: list[dict],
+    chunks: tuple[int, ...] | None = None,
+    **image: object,
+) -> Path:
     """An OME-NGFF 0.4 image written with zarr directly: one array per level at paths "0", "1"..."""
     group = zarr.open_group(zarr.storage.DirectoryStore(str(path)), mode="w")
     for i, data in enumerate(levels):
@@ -174,8 +180,9 @@ def test_time_and_channel_axes_of_size_one_are_dropped(tmp_path):
     np.testing.assert_array_equal(volume.data[2], data[0, 0, 2])
 
 
-@pytest.mark.parametrize(("names", "shape", "extra"), [("czyx", (2, 3, 8, 8), "c=2"),
-                                                       ("tczyx", (3, 1, 3, 8, 8), "t=3")])
+@pytest.mark.parametrize(
+    ("names", "shape", "extra"), [("czyx", (2, 3, 8, 8), "c=2"), ("tczyx", (3, 1, 3, 8, 8), "t=3")]
+)
 def test_several_channels_or_time_points_are_refused(tmp_path, names, shape, extra):
     path = _ngff(tmp_path / "multi.ome.zarr", [np.zeros(shape, np.uint8)], [[1.0] * len(shape)],
                  _axes(names=names))  # fmt: skip
@@ -271,8 +278,9 @@ def test_bad_stores_raise_one_volume_error_naming_the_store(tmp_path, kind):
     assert message.startswith(f"{path}: ") and BAD[kind] in message and "\n" not in message, message
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("truncated chunk", "truncated or corrupt"),
-                                                ("not OME metadata", "not an OME-Zarr image")])
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("truncated chunk", "truncated or corrupt"), ("not OME metadata", "not an OME-Zarr image")]
+)
 def test_a_bad_store_ends_the_bundle_run_on_one_line(tmp_path, weights, kind, expected):
     tomograms = tmp_path / "tomograms"
     tomograms.mkdir()

@@ -16,9 +16,6 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from conftest import REPO
 from scripts.infer.ood import (
     OOD_RATIO,
     ReconstructionScorer,
@@ -38,6 +35,9 @@ from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.weights import load_weights
 from scripts.train.losses import UnlabeledLoss
 from scripts.train.metadata import WeightsMetadataWriter
+from torch import nn
+
+from conftest import REPO
 
 CONFIG = REPO / "bundle" / "configs" / "inference.json"
 SHIPPED = REPO / "bundle" / "models" / "model.pt"
@@ -94,15 +94,21 @@ def test_reconstruction_error_is_the_unlabeled_loss_on_standardised_slices():
     y = 0.5 * x + 0.3 * np.roll(x, 1, -1)
     expected = []
     for xi, yi in zip(x, y, strict=True):
-        ssim = structural_similarity(xi, yi, data_range=float(xi.max() - xi.min()), gaussian_weights=True,
-                                     sigma=1.5, use_sample_covariance=False)
+        ssim = structural_similarity(
+            xi, yi, data_range=float(xi.max() - xi.min()), gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         huber = torch.nn.functional.huber_loss(torch.as_tensor(yi), torch.as_tensor(xi), delta=0.1)
         expected.append(0.5 * (1 - ssim) + 0.5 * float(huber))
     assert reconstruction_error(Blurred(), slices) == pytest.approx(expected, abs=1e-5)
     # ... and training's unlabeled loss with the same range says the same.
-    loss = [float(UnlabeledLoss(data_range=float(xi.max() - xi.min()))(torch.as_tensor(yi)[None, None],
-                                                                       torch.as_tensor(xi)[None, None]))
-            for xi, yi in zip(x, y, strict=True)]
+    loss = [
+        float(
+            UnlabeledLoss(data_range=float(xi.max() - xi.min()))(
+                torch.as_tensor(yi)[None, None], torch.as_tensor(xi)[None, None]
+            )
+        )
+        for xi, yi in zip(x, y, strict=True)
+    ]
     assert loss == pytest.approx(expected, abs=1e-5)
 
 
@@ -187,8 +193,9 @@ def test_training_writer_stores_the_level_of_the_saved_network(tmp_path: Path):
     assert read_metadata(run / "model.pt").ood_level != pytest.approx(level, rel=1e-3)
 
     # A resumed run: a checkpoint from before keeps its own level until this run saves it again.
-    resumed = WeightsMetadataWriter(run, data, tmp_path, width=4, network=DoubleDecoderNet(width=4),
-                                    filenames=("model.pt",))
+    resumed = WeightsMetadataWriter(
+        run, data, tmp_path, width=4, network=DoubleDecoderNet(width=4), filenames=("model.pt",)
+    )
     before = read_metadata(run / "model.pt").ood_level
     resumed()
     assert read_metadata(run / "model.pt").ood_level == before
@@ -198,8 +205,22 @@ def test_training_writer_stores_the_level_of_the_saved_network(tmp_path: Path):
 
 
 def _infer(tomograms: Path, out: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIG),
-           "--dataset_dir", str(tomograms), "--output_dir", str(out), "--weights", str(weights), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        str(CONFIG),
+        "--dataset_dir",
+        str(tomograms),
+        "--output_dir",
+        str(out),
+        "--weights",
+        str(weights),
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -234,8 +255,9 @@ def test_inference_reports_the_score_warns_and_leaves_masks_alone(tmp_path: Path
     assert "ood" not in json.loads((tmp_path / "off" / "cell_summary.json").read_text())
     assert "looks unlike" not in off.stdout + off.stderr
     for name in ("cell", "tiny"):
-        np.testing.assert_array_equal(mrcfile.read(tmp_path / "on" / f"{name}_mask.mrc"),
-                                      mrcfile.read(tmp_path / "off" / f"{name}_mask.mrc"))
+        np.testing.assert_array_equal(
+            mrcfile.read(tmp_path / "on" / f"{name}_mask.mrc"), mrcfile.read(tmp_path / "off" / f"{name}_mask.mrc")
+        )
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -255,8 +277,9 @@ def test_calibrate_writes_the_level_and_keeps_the_other_fields(tmp_path: Path, w
     result = _calibrate(str(weights), str(data), "--slices", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     meta = read_metadata(weights)
-    assert dataclasses.replace(meta, ood_level=None) == WeightsMetadata(4, 9.8, "robust", "three cells",
-                                                                       "cells", "2026-01-02")
+    assert dataclasses.replace(meta, ood_level=None) == WeightsMetadata(
+        4, 9.8, "robust", "three cells", "cells", "2026-01-02"
+    )
     scorer = ReconstructionScorer(weights, slices=3)
     scores = [scorer.score(mrcfile.read(p), 0, 10)["score"] for p in sorted(data.glob("*/*.mrc"))]
     assert meta.ood_level == pytest.approx(float(np.median(scores)), rel=1e-5)

@@ -1,7 +1,6 @@
 """Command-line strings become typed values in one place (scripts.options, scripts.surfaces.options)."""
 
 import pytest
-
 from scripts.options import as_bool, as_names, as_optional, as_range, as_voxel_size, parse_slice_ranges
 from scripts.surfaces.options import MeshOptions, SurfaceOptions
 

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
-
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import DIHEDRAL, SlicePredictor, _dihedral, _dihedral_inverse, window_size
 from scripts.network.double_decoder import DoubleDecoderNet
@@ -45,9 +44,7 @@ def test_tta_gives_mean_and_variance_of_the_8_variants():
     assert plain.variance is None and tta.variance is not None
     x = SlicePredictor(net).normalize(torch.as_tensor(slices)).unsqueeze(1)
     with torch.no_grad():
-        variants = torch.stack([_dihedral_inverse(net(_dihedral(x, k, f)), k, f) for k, f in DIHEDRAL])[
-            :, :, 0
-        ]
+        variants = torch.stack([_dihedral_inverse(net(_dihedral(x, k, f)), k, f) for k, f in DIHEDRAL])[:, :, 0]
     torch.testing.assert_close(tta.label, variants.mean(0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tta.variance, variants.var(0, unbiased=False), atol=1e-6, rtol=1e-4)
     assert not torch.allclose(tta.label, plain.label)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePredictor
 from scripts.infer.segment import segment_volume

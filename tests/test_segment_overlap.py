@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
-from conftest import REPO
 from scripts.infer.pipeline import max_in_flight
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePrediction, SlicePredictor
 from scripts.infer.segment import segment_volume
 from scripts.io.volume import VolumeError, open_volume, write_volume
 from scripts.network.double_decoder import DoubleDecoderNet
+
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

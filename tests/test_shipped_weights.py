@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from cryosxt_sim.simulate import simulate_tomogram
 from scripts.io.weights_metadata import read_metadata
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.weights import load_weights, weights_info
 from scripts.train.metrics import label_counts, label_scores
 from scripts.train.workflow import standardise
+
+from cryosxt_sim.simulate import simulate_tomogram
 
 SHIPPED = Path(__file__).resolve().parents[1] / "bundle" / "models" / "model.pt"
 SEED = (1000, 0, 0)  # the benchmark's first held-out seed (training used seeds < 1000)

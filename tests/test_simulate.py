@@ -101,7 +101,8 @@ def test_mask_lies_on_membranes_and_not_in_droplets(phantoms):
                     checked[o["kind"]] += 1
                 elif o["kind"] == "droplet" and o["radius_nm"] > 4 * voxel:
                     core = np.asarray(o["center_nm"]) + (o["radius_nm"] - 2.5 * voxel) * (
-                        _surface_points({"center_nm": [0, 0, 0], "radius_nm": 1.0}))
+                        _surface_points({"center_nm": [0, 0, 0], "radius_nm": 1.0})
+                    )
                     assert _lookup(ph.membrane, core, voxel).sum() == 0
                     inside = ph.instances == o["id"]
                     inner = ndimage.binary_erosion(inside, iterations=2)
@@ -135,8 +136,9 @@ def test_membrane_thickness_is_two_to_three_voxels(phantoms, voxel):
     med = float(np.median(runs))
     assert 2.0 <= med <= 3.2, med
     # and as a whole: two 6-connected erosions remove (almost) all of a 2-3 voxel sheet
-    frac = [ndimage.binary_erosion(ph.membrane, iterations=2).sum() / max(ph.membrane.sum(), 1)
-            for ph in phantoms[voxel]]
+    frac = [
+        ndimage.binary_erosion(ph.membrane, iterations=2).sum() / max(ph.membrane.sum(), 1) for ph in phantoms[voxel]
+    ]
     assert max(frac) < 0.08, frac
     assert GT_HALF_VOXELS * 2 == pytest.approx(2.5)
 
@@ -193,8 +195,17 @@ def test_instruments_differ_in_voxel_size_and_polarity():
 
 def test_cli_writes_training_layout(tmp_path):
     out = tmp_path / "sim"
-    names = main(out=str(out), count=1, shape="12,40,40", seed=1, instrument="bessy", unlabeled=1,
-                 unlabeled_instrument="mistral", formats="mrc,tif", tilt_step_deg=5.0)
+    names = main(
+        out=str(out),
+        count=1,
+        shape="12,40,40",
+        seed=1,
+        instrument="bessy",
+        unlabeled=1,
+        unlabeled_instrument="mistral",
+        formats="mrc,tif",
+        tilt_step_deg=5.0,
+    )
     assert len(names) == 2
     lab, unl = names
     for sub in ("images", "labels", "instances"):
@@ -218,8 +229,20 @@ def test_cli_entry_point(tmp_path):
     """The command line as users type it (parsed by fire, in-process to skip a second torch import)."""
     import fire
 
-    argv = ["--out", str(tmp_path), "--count", "1", "--shape", "12,40,40", "--seed", "2",
-            "--instrument", "b24", "--tilt_step_deg", "6"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--count",
+        "1",
+        "--shape",
+        "12,40,40",
+        "--seed",
+        "2",
+        "--instrument",
+        "b24",
+        "--tilt_step_deg",
+        "6",
+    ]
     fire.Fire(main, command=argv)
     files = sorted(p.name for p in (tmp_path / "labels").iterdir())
     assert files == ["sim_b24_s2_000.mrc"]

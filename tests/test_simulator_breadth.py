@@ -50,7 +50,7 @@ def _lookup(mask: np.ndarray, pts_nm: np.ndarray, voxel: float) -> np.ndarray:
 
 def _fov_mu(ph, shape) -> np.ndarray:
     oz, _, ox = ph.offset
-    return ph.mu[oz:oz + shape[0], :, ox:ox + shape[2]]
+    return ph.mu[oz : oz + shape[0], :, ox : ox + shape[2]]
 
 
 # ---------------------------------------------------------------- the random instrument
@@ -158,8 +158,22 @@ def test_random_tomograms_have_sane_labels(seed):
 
 
 def test_cli_random_writes_the_drawn_voxel_size(tmp_path):
-    argv = ["--out", str(tmp_path), "--count", "2", "--unlabeled", "1", "--shape", "12,40,40", "--seed", "4",
-            "--instrument", "random", "--cell", "crowded"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--count",
+        "2",
+        "--unlabeled",
+        "1",
+        "--shape",
+        "12,40,40",
+        "--seed",
+        "4",
+        "--instrument",
+        "random",
+        "--cell",
+        "crowded",
+    ]
     names = fire.Fire(main, command=argv)
     assert names == ["sim_random_s4_000", "sim_random_s4_001", "sim_random_s4_u000"]
     seen = set()
@@ -297,8 +311,11 @@ def test_mitochondria_sometimes_have_cristae_and_cristae_are_labelled():
 
 def test_density_scale_changes_organelle_counts():
     def count(density):
-        return sum(o["kind"] in ("mitochondrion", "vesicle", "droplet", "er")
-                   for s in range(4) for o in _phantom("mammalian", 20.0, s, density=density).objects)
+        return sum(
+            o["kind"] in ("mitochondrion", "vesicle", "droplet", "er")
+            for s in range(4)
+            for o in _phantom("mammalian", 20.0, s, density=density).objects
+        )
 
     assert count(2.0) > 2 * count(0.5)
 
@@ -318,8 +335,10 @@ def test_backgrounds_carbon_film_and_gold_beads():
         break
     else:
         raise AssertionError("no film inside the volume in 20 seeds")
-    beads = [sum(o["kind"] == "fiducial" for o in _phantom("mammalian", 20.0, s, background="gold").objects)
-             for s in range(6)]
+    beads = [
+        sum(o["kind"] == "fiducial" for o in _phantom("mammalian", 20.0, s, background="gold").objects)
+        for s in range(6)
+    ]
     assert sum(beads) > 0
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tifffile
 import trimesh
-
 from scripts.io.volume import open_volume
 from scripts.surfaces.meshes import MESH_FORMATS, load_mesh
 from scripts.surfaces.morphology import (
@@ -262,8 +261,9 @@ def test_cuboids_measure_sanely_and_a_single_voxel_is_flagged(tmp_path):
         dz, dy, dx = (n * VOXEL_NM for n in size)
         box_area = 2 * (dz * dy + dy * dx + dz * dx)  # smoothing rounds the edges: a little less
         assert 0.7 * box_area < float(r["surface_area_nm2"]) < box_area
-    (single,) = [o for o in json.loads((out / "cuboids" / "objects.json").read_text())["objects"]
-                 if o["voxel_count"] == 1]
+    (single,) = [
+        o for o in json.loads((out / "cuboids" / "objects.json").read_text())["objects"] if o["voxel_count"] == 1
+    ]
     assert single["volume_nm3_mesh"] is None and single["mesh_degenerate"] is True
     stats = json.loads((out / "cuboids" / "summary.json").read_text())["stats"]
     assert stats["volume_nm3_mesh"]["n"] == 5 and stats["volume_nm3_mesh"]["max"] <= 1.1 * 429660 * voxel

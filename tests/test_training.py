@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from scripts.io.labels import LabelError
 from scripts.io.volume import write_volume
 from scripts.network.double_decoder import DoubleDecoderNet
@@ -33,8 +32,18 @@ from scripts.train.workflow import prepare_data
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 TINY = [  # 4 px wide network, 64 px crops, no worker processes
-    "--width", "4", "--patch_size", "64", "--num_workers", "0", "--progress_bar", "false",
-    "--learning_rate", "0.001", "--labeled_repeats", "2",
+    "--width",
+    "4",
+    "--patch_size",
+    "64",
+    "--num_workers",
+    "0",
+    "--progress_bar",
+    "false",
+    "--learning_rate",
+    "0.001",
+    "--labeled_repeats",
+    "2",
 ]
 
 
@@ -76,8 +85,18 @@ def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """Four epochs through the real bundle runner, from the repository root."""
     out = tmp_path_factory.mktemp("run")
     _bundle(
-        ["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset),
-         "--output_dir", str(out), "--train#trainer#max_epochs", "4", *TINY],
+        [
+            "training",
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--dataset_dir",
+            str(tiny_dataset),
+            "--output_dir",
+            str(out),
+            "--train#trainer#max_epochs",
+            "4",
+            *TINY,
+        ],
         cwd=REPO,
     )
     return out
@@ -244,16 +263,24 @@ def test_train_config_properties_and_supervised_only_switch(tiny_dataset: Path, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         workflow = ConfigWorkflow(
-            config_file=str(CONFIGS / "train.json"), workflow_type="train",
-            dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), width=2, num_workers=0,
+            config_file=str(CONFIGS / "train.json"),
+            workflow_type="train",
+            dataset_dir=str(tiny_dataset),
+            output_dir=str(tmp_path),
+            width=2,
+            num_workers=0,
         )
         workflow.initialize()
         assert workflow.check_properties() == []
         assert UNLABELED in workflow.trainer.data_loader.plan()
         # the ablation: one override, same network and labeled data, no unlabeled branch
         supervised = ConfigWorkflow(
-            config_file=str(CONFIGS / "train.json"), workflow_type="train",
-            dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), width=2, num_workers=0,
+            config_file=str(CONFIGS / "train.json"),
+            workflow_type="train",
+            dataset_dir=str(tiny_dataset),
+            output_dir=str(tmp_path),
+            width=2,
+            num_workers=0,
             semi_supervised="false",
         )
         supervised.initialize()
@@ -274,8 +301,20 @@ def test_multi_class_label_stops_the_bundle_run_before_training(tiny_dataset: Pa
     label = np.array(open_volume(label_path).data)
     label[5, :4, :4] = 3  # a third class
     write_volume(label_path, label, 9.8)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           str(CONFIGS / "train.json"), "--dataset_dir", str(dataset), "--output_dir", str(out), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        *TINY,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -305,8 +344,19 @@ def test_resume_continues_from_saved_epoch(trained_run: Path, tiny_dataset: Path
         (run / name).write_bytes((trained_run / name).read_bytes())
     # From bundle/, with the plain `run` id and a relative config path.
     log = _bundle(
-        ["--config_file", "configs/train.json", "--dataset_dir", str(tiny_dataset), "--output_dir", str(run),
-         "--train#trainer#max_epochs", "5", "--resume", "true", *TINY],
+        [
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            str(tiny_dataset),
+            "--output_dir",
+            str(run),
+            "--train#trainer#max_epochs",
+            "5",
+            "--resume",
+            "true",
+            *TINY,
+        ],
         cwd=REPO / "bundle",
     )
     assert "Restored all variables" in log
@@ -321,9 +371,13 @@ def test_evaluate_config_writes_json_and_csv(trained_run: Path, tiny_dataset: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         workflow = ConfigWorkflow(
-            config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], workflow_type=None,
-            run_id="evaluating", dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
-            ckpt_path=str(trained_run / "model.pt"), num_workers=0,
+            config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
+            workflow_type=None,
+            run_id="evaluating",
+            dataset_dir=str(tiny_dataset),
+            output_dir=str(tmp_path),
+            ckpt_path=str(trained_run / "model.pt"),
+            num_workers=0,
         )
         workflow.initialize()
         workflow.run()
@@ -342,9 +396,20 @@ def test_ddp_gloo_two_processes(tiny_dataset: Path, tmp_path: Path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     launcher.append("-m")
     log = _bundle(
-        ["training", "--config_file", configs, "--dataset_dir", str(tiny_dataset), "--output_dir", str(out),
-         "--train#trainer#max_epochs", "1", *TINY],
-        cwd=REPO, launcher=launcher,
+        [
+            "training",
+            "--config_file",
+            configs,
+            "--dataset_dir",
+            str(tiny_dataset),
+            "--output_dir",
+            str(out),
+            "--train#trainer#max_epochs",
+            "1",
+            *TINY,
+        ],
+        cwd=REPO,
+        launcher=launcher,
     )
     history = _history(out)  # written by rank 0 only
     assert len(history) == 1 and "train_unlabeled_loss" in history[0]
@@ -354,10 +419,8 @@ def test_ddp_gloo_two_processes(tiny_dataset: Path, tmp_path: Path):
     assert (out / "last.pt").is_file() and "Traceback" not in log
 
 
-def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path, tiny_dataset: Path,
-                                                                tmp_path: Path):
+def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path, tiny_dataset: Path, tmp_path: Path):
     from monai.bundle import ConfigWorkflow
-
     from scripts.io.weights_metadata import read_metadata
     from scripts.network.weights import read_state_dict
 
@@ -365,8 +428,12 @@ def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         workflow = ConfigWorkflow(
-            config_file=str(CONFIGS / "train.json"), workflow_type="train", dataset_dir=str(tiny_dataset),
-            output_dir=str(tmp_path / "w"), num_workers=0, init_weights=str(start),  # no width: the file's
+            config_file=str(CONFIGS / "train.json"),
+            workflow_type="train",
+            dataset_dir=str(tiny_dataset),
+            output_dir=str(tmp_path / "w"),
+            num_workers=0,
+            init_weights=str(start),  # no width: the file's
         )
         workflow.initialize()
     loaded = workflow.parser.get_parsed_content("network").state_dict()
@@ -375,9 +442,23 @@ def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path
 
     out = tmp_path / "tuned"
     args = [a for a in TINY if a not in ("--width", "4")]
-    log = _bundle(["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir",
-                   str(tiny_dataset), "--output_dir", str(out), "--train#trainer#max_epochs", "1",
-                   "--init_weights", str(start), *args], cwd=REPO)
+    log = _bundle(
+        [
+            "training",
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--dataset_dir",
+            str(tiny_dataset),
+            "--output_dir",
+            str(out),
+            "--train#trainer#max_epochs",
+            "1",
+            "--init_weights",
+            str(start),
+            *args,
+        ],
+        cwd=REPO,
+    )
     assert "training starts from the weights of" in log
     tuned, scratch = _history(out), _history(trained_run)
     assert [h["epoch"] for h in tuned] == [1]  # a new run (resume would have continued at epoch 5)
@@ -387,12 +468,26 @@ def test_fine_tuning_starts_from_init_weights_with_their_width(trained_run: Path
     assert "starting from last.pt" in meta.trained_on
 
 
-def test_init_weights_of_another_width_fail_before_training(trained_run: Path, tiny_dataset: Path,
-                                                            tmp_path: Path):
+def test_init_weights_of_another_width_fail_before_training(trained_run: Path, tiny_dataset: Path, tmp_path: Path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           str(CONFIGS / "train.json"), "--dataset_dir", str(tiny_dataset), "--output_dir", str(out),
-           "--init_weights", str(trained_run / "model.pt"), *TINY[2:], "--width", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--dataset_dir",
+        str(tiny_dataset),
+        "--output_dir",
+        str(out),
+        "--init_weights",
+        str(trained_run / "model.pt"),
+        *TINY[2:],
+        "--width",
+        "8",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]

@@ -15,14 +15,14 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO, monailabel_module
 from scripts.infer.predict import SlicePredictor
 from scripts.infer.resample import match_voxel_size, resample_slices, resampled_size
 from scripts.io.volume import open_volume, write_volume
 from scripts.io.weights_metadata import WeightsMetadata, metadata_path, write_metadata
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.weights import WeightsError, convert, weights_info
+
+from conftest import REPO, monailabel_module
 
 CONFIGS = REPO / "bundle" / "configs"
 
@@ -36,8 +36,6 @@ def _env() -> dict[str, str]:
 def _bundle(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
 
 
 def _smooth(shape: tuple[int, int]) -> torch.Tensor:
@@ -174,9 +172,22 @@ def test_inference_resamples_to_the_weights_voxel_size_and_keeps_the_input_grid(
     write_volume(tomograms / "coarse.mrc", coarse, 19.6)  # 2x the weights' 9.8 nm
     write_volume(tomograms / "negative.mrc", -coarse, 19.6)
     write_volume(tomograms / "near.mrc", rng.normal(size=(2, 36, 40)).astype(np.float32), 10.5)  # 7 % off
-    common = ["--config_file", str(CONFIGS / "inference.json"), "--dataset_dir", str(tomograms),
-              "--weights", str(weights_9_8), "--probability", "float16", "--reconstruction", "true",
-              "--tta", "true", "--tta_polarity", "true"]
+    common = [
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--dataset_dir",
+        str(tomograms),
+        "--weights",
+        str(weights_9_8),
+        "--probability",
+        "float16",
+        "--reconstruction",
+        "true",
+        "--tta",
+        "true",
+        "--tta_polarity",
+        "true",
+    ]
     out = tmp_path / "out"
     run = _bundle(["inference", *common, "--output_dir", str(out), "--match_voxel_size", "true"])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -215,8 +226,17 @@ def test_headerless_tomogram_is_not_resampled_and_the_override_counts(tmp_path, 
     tomograms.mkdir()
     with mrcfile.new(tomograms / "plain.mrc") as mrc:  # voxel size 0: unknown
         mrc.set_data(np.random.default_rng(2).normal(size=(2, 32, 32)).astype(np.float32))
-    base = ["inference", "--config_file", str(CONFIGS / "inference.json"), "--dataset_dir", str(tomograms),
-            "--weights", str(weights_9_8), "--match_voxel_size", "true"]
+    base = [
+        "inference",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--dataset_dir",
+        str(tomograms),
+        "--weights",
+        str(weights_9_8),
+        "--match_voxel_size",
+        "true",
+    ]
     run = _bundle([*base, "--output_dir", str(tmp_path / "a")])
     assert run.returncode == 0, run.stderr[-3000:]
     summary = _summary(tmp_path / "a", "plain")["voxel_matching"]
@@ -245,10 +265,33 @@ def test_training_writes_the_sidecar_and_publishing_carries_it(tmp_path: Path):
         write_volume(data / "labels" / f"{name}.mrc", (rng.random((3, 64, 64)) > 0.8).astype(np.uint8), voxel)
     write_volume(data / "unlabeled" / "u.mrc", rng.normal(size=(2, 64, 64)).astype(np.float32), 30.0)
     run_dir = tmp_path / "run"
-    run = _bundle(["training", "--config_file", str(CONFIGS / "train.json"), "--dataset_dir", str(data),
-                   "--output_dir", str(run_dir), "--train#trainer#max_epochs", "1", "--width", "4",
-                   "--patch_size", "64", "--num_workers", "0", "--progress_bar", "false",
-                   "--labeled_repeats", "1", "--unlabeled_steps_per_epoch", "2", "--val_fraction", "0.34"])
+    run = _bundle(
+        [
+            "training",
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--dataset_dir",
+            str(data),
+            "--output_dir",
+            str(run_dir),
+            "--train#trainer#max_epochs",
+            "1",
+            "--width",
+            "4",
+            "--patch_size",
+            "64",
+            "--num_workers",
+            "0",
+            "--progress_bar",
+            "false",
+            "--labeled_repeats",
+            "1",
+            "--unlabeled_steps_per_epoch",
+            "2",
+            "--val_fraction",
+            "0.34",
+        ]
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     recipe = json.loads((CONFIGS / "train.json").read_text()).get("recipe", "reference")
     for name in ("model.pt", "last.pt"):
@@ -279,8 +322,13 @@ def test_monailabel_accepts_tta_polarity_and_copies_the_sidecar(tmp_path: Path):
         options.parse_options({"tta_polarity": "$x"}, options.SEGMENTATION_OPTIONS)
     bundle_copy = monailabel_module("bundle_copy")
     source = tmp_path / "bundle"
-    for name, text in (("configs/metadata.json", '{"name": "demo"}'), ("configs/inference.json", "{}"),
-                       ("scripts/__init__.py", ""), ("models/model.pt", "w"), ("models/model.pt.json", "{}")):
+    for name, text in (
+        ("configs/metadata.json", '{"name": "demo"}'),
+        ("configs/inference.json", "{}"),
+        ("scripts/__init__.py", ""),
+        ("models/model.pt", "w"),
+        ("models/model.pt.json", "{}"),
+    ):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(text)
     dest = bundle_copy.prepare_working_bundle(source, tmp_path / "app")

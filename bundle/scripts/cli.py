@@ -109,9 +109,7 @@ def check_flags(fn: Callable[..., Any], argv: Sequence[str]) -> None:
             positional += 1
         i += 1
     unnamed = [name for name in params if name not in given]
-    missing = [
-        name for name in unnamed[positional:] if params[name].default is inspect.Parameter.empty
-    ]
+    missing = [name for name in unnamed[positional:] if params[name].default is inspect.Parameter.empty]
     if missing:
         raise ValueError(f"missing option --{missing[0]}; valid options: {valid}")
 

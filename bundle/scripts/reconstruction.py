@@ -32,8 +32,15 @@ SSIM_WEIGHT, HUBER_WEIGHT, DELTA = 0.5, 0.5, 0.1
 def _unlabeled_loss(image: torch.Tensor, target: torch.Tensor) -> float:
     """The unlabeled loss of one (1, 1, H, W) pair, with the target's own range for SSIM."""
     data_range = max(float(target.max() - target.min()), 1e-3)
-    ssim = SSIMLoss(spatial_dims=2, data_range=data_range, kernel_type="gaussian", win_size=MIN_SIDE,
-                    kernel_sigma=1.5, k1=0.01, k2=0.03)
+    ssim = SSIMLoss(
+        spatial_dims=2,
+        data_range=data_range,
+        kernel_type="gaussian",
+        win_size=MIN_SIDE,
+        kernel_sigma=1.5,
+        k1=0.01,
+        k2=0.03,
+    )
     huber = F.huber_loss(image, target, delta=DELTA)
     return float(SSIM_WEIGHT * ssim(image, target) + HUBER_WEIGHT * huber)
 
@@ -65,8 +72,10 @@ def reconstruction_error(network: nn.Module, slices: np.ndarray | torch.Tensor) 
     if batch.ndim != 3:
         raise ValueError(f"slices must be (B, H, W), got shape {tuple(batch.shape)}")
     if min(batch.shape[-2:]) < MIN_SIDE:
-        raise ValueError(f"slices of {batch.shape[-2]} x {batch.shape[-1]} pixels are too small for SSIM "
-                         f"(at least {MIN_SIDE} x {MIN_SIDE})")
+        raise ValueError(
+            f"slices of {batch.shape[-2]} x {batch.shape[-1]} pixels are too small for SSIM "
+            f"(at least {MIN_SIDE} x {MIN_SIDE})"
+        )
     # Slices stacked along the first axis are "channels" here: channel-wise = per slice.
     standardised = NormalizeIntensity(channel_wise=True)(batch)
     batch = _centre_crop(convert_to_tensor(standardised, torch.float32, track_meta=False))

@@ -91,7 +91,10 @@ def prepare_working_bundle(source: str | Path, model_root: str | Path, reset_wei
                 target_sidecar.unlink(missing_ok=True)
             logger.info("copied weights %s -> %s", weights, target)
     if not (models / "model.pt").exists():
-        logger.warning("%s has no models/model.pt: inference is unavailable until a model is trained "
-                       "(POST /train) or uploaded (PUT /model)", dest)
+        logger.warning(
+            "%s has no models/model.pt: inference is unavailable until a model is trained "
+            "(POST /train) or uploaded (PUT /model)",
+            dest,
+        )
     logger.info("working bundle %s (%d file(s) refreshed from %s)", dest, changes, source)
     return dest

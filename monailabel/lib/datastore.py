@@ -76,8 +76,10 @@ class TomogramDatastore(LocalDatastore):
             return image_id
         if not is_plain_name(image_id):
             raise RefusedPath(f"image id {image_id!r} is not a plain name (use {NAME_RULE})")
-        raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore; "
-                            f"known images: {known_ids(self.list_images())}")
+        raise HTTPException(
+            status_code=404,
+            detail=f"image {image_id!r} is not in the datastore; known images: {known_ids(self.list_images())}",
+        )
 
     def _plain_tag(self, tag: Any) -> str:
         try:
@@ -154,8 +156,11 @@ class TomogramDatastore(LocalDatastore):
         except UnsafePathError as err:
             raise RefusedPath(f"{err}; give another as ?image=ID") from None
         if image_id in self._datastore.objects:  # replacing it would orphan its labels
-            raise HTTPException(status_code=409, detail=f"image {image_id!r} is already in the datastore: "
-                                "delete it first (DELETE /datastore/image?id=...) or choose another id")
+            raise HTTPException(
+                status_code=409,
+                detail=f"image {image_id!r} is already in the datastore: "
+                "delete it first (DELETE /datastore/image?id=...) or choose another id",
+            )
         self._open(image_filename, "image")  # 415 for a suffix that is not the datastore's
         dest = self.studies / self._filename(image_id, self._to_id(os.path.basename(image_filename))[1])
         if os.path.lexists(dest):  # a file the datastore does not list (another extension, a link)
@@ -173,13 +178,10 @@ class TomogramDatastore(LocalDatastore):
     def remove_label(self, label_id: str, label_tag: str) -> None:
         self._known_image(label_id)
         if not self.get_label_uri(label_id, label_tag):
-            raise HTTPException(status_code=404,
-                                detail=f"image {label_id!r} has no label with tag {label_tag!r}")
+            raise HTTPException(status_code=404, detail=f"image {label_id!r} has no label with tag {label_tag!r}")
         super().remove_label(label_id, label_tag)
 
-    def save_label(
-        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
-    ) -> str:
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         self._plain_tag(label_tag)
         image_uri = self.get_image_uri(self._known_image(image_id))
         label_dir = self._inside(self._datastore.label_path(label_tag), f"label tag {label_tag!r}")

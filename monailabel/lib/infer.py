@@ -150,8 +150,12 @@ class TomogramSegmentation(BasicInferTask):
         with self._lock:
             if self._cached is None or self._cached[0] != key:
                 # inference.json reads the network width from the weights file itself.
-                overrides: dict[str, Any] = {"weights": str(weights), "device": device, "tta": tta,
-                                             "tta_polarity": tta_polarity}
+                overrides: dict[str, Any] = {
+                    "weights": str(weights),
+                    "device": device,
+                    "tta": tta,
+                    "tta_polarity": tta_polarity,
+                }
                 predictor = self._parser(**overrides).get_parsed_content("predictor")
                 logger.info("loaded %s on %s", weights, device)
                 self._cached = (key, predictor)
@@ -183,8 +187,10 @@ class TomogramSegmentation(BasicInferTask):
         volume = data["volume"]
         weights = self.weights_path(data)
         if not weights.is_file():
-            raise HTTPException(status_code=503, detail=f"no model weights at {weights}: train a model first "
-                                "(POST /train) or upload one (PUT /model)")
+            raise HTTPException(
+                status_code=503,
+                detail=f"no model weights at {weights}: train a model first (POST /train) or upload one (PUT /model)",
+            )
         from scripts.infer.segment import output_dtype, segment_volume, slice_bounds
         from scripts.io.sinks import ArraySink
 
@@ -207,8 +213,9 @@ class TomogramSegmentation(BasicInferTask):
         prob = np.zeros(volume.shape, dtype=output_dtype("prob", probability)) if probability else None
         if prob is not None:
             sinks["prob"] = [ArraySink(prob)]
-        segment_volume(volume.data, predictor, post, sinks, (z0, z1), batch_size=batch,
-                       probability=probability, voxel_match=match)
+        segment_volume(
+            volume.data, predictor, post, sinks, (z0, z1), batch_size=batch, probability=probability, voxel_match=match
+        )
         if post.needs_volume:
             mask = post.volume(mask)
         mask *= MASK_VALUE
@@ -230,9 +237,7 @@ class TomogramSegmentation(BasicInferTask):
     def post_transforms(self, data: dict[str, Any] | None = None) -> list:
         return []  # the bundle's post-processing already ran per slice in run_inferer
 
-    def writer(
-        self, data: dict[str, Any], extension: str | None = None, dtype: Any = None
-    ) -> tuple[str, dict]:
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
         from scripts.io.volume import SUPPORTED_SUFFIXES, volume_suffix, write_volume
 
         wanted = extension or data.get("result_extension")

@@ -37,9 +37,11 @@ def main() -> None:
 
     origins = plain_origins(list(settings.MONAI_LABEL_CORS_ORIGINS or []))
     if not origins or "*" in origins:
-        sys.exit(f"{CORS_SETTING} lists no origin: MONAI Label would let every web page call the "
-                 "server; start it with tools/start_monailabel.sh (MONAILABEL_CORS_ORIGINS, "
-                 "docs/monailabel.md)")
+        sys.exit(
+            f"{CORS_SETTING} lists no origin: MONAI Label would let every web page call the "
+            "server; start it with tools/start_monailabel.sh (MONAILABEL_CORS_ORIGINS, "
+            "docs/monailabel.md)"
+        )
     settings.MONAI_LABEL_CORS_ORIGINS = origins  # plain strings: no validation on assignment
     Launcher().run()
 

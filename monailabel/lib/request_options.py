@@ -28,16 +28,14 @@ _NOT_GIVEN = ("", "none", "null")
 
 # The bundle's formats (scripts.io.volume.SUPPORTED_SUFFIXES), and NRRD, which some clients always
 # ask for and which is answered in the study's own format.
-RESULT_EXTENSIONS = (".mrc", ".rec", ".st", ".map", ".mrcs", ".tif", ".tiff", ".nii", ".nii.gz",
-                     ".nrrd", ".seg.nrrd")
+RESULT_EXTENSIONS = (".mrc", ".rec", ".st", ".map", ".mrcs", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
 
 # The dtypes of a returned probability map (the bundle's ``probability`` setting).
 PROBABILITY_DTYPES = ("uint8", "float16")
 
 # Keys MONAI Label clients add to every request (3D Slicer, OHIF, the Python client) that this app
 # does not use: accepted and dropped, so they never reach MONAI Label's own request handling.
-INFER_IGNORED = ("client_id", "label_info", "result_dtype", "result_compress", "largest_cc",
-                 "restore_label_idx")
+INFER_IGNORED = ("client_id", "label_info", "result_dtype", "result_compress", "largest_cc", "restore_label_idx")
 # Stock training options this app hides from /info (no MLflow here): dropped if an old client sends them.
 TRAIN_IGNORED = ("client_id", "tracking", "tracking_uri", "tracking_experiment_name", "tracking_run_name")
 
@@ -175,8 +173,11 @@ class SliceRange:
             return None
         if isinstance(value, str) and (match := _SLICE_RANGE.fullmatch(value.strip())):
             return [int(match[1]), int(match[2])]
-        if (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**9 for v in value)):
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**9 for v in value)
+        ):
             return [int(value[0]), int(value[1])]
         raise OptionError(name, f"expected {self.describe()}, got {_shown(value)}")
 
@@ -265,16 +266,18 @@ def train_options(models: Sequence[str], devices: Sequence[str]) -> dict[str, Sp
     }
 
 
-def parse_options(request: Mapping[str, Any], schema: Mapping[str, Spec],
-                  ignored: Collection[str] = ()) -> dict[str, Any]:
+def parse_options(
+    request: Mapping[str, Any], schema: Mapping[str, Spec], ignored: Collection[str] = ()
+) -> dict[str, Any]:
     """Typed values of the options in ``request``; OptionError for an unknown option or a bad value.
 
     Keys in ``ignored`` are dropped; options given as None (or "" for an optional choice) are left out.
     """
     unknown = sorted(str(k) for k in request if k not in schema and k not in ignored)
     if unknown:
-        raise OptionError(", ".join(unknown), f"unknown option{'s' if len(unknown) > 1 else ''}; "
-                          f"accepted: {', '.join(schema)}")
+        raise OptionError(
+            ", ".join(unknown), f"unknown option{'s' if len(unknown) > 1 else ''}; accepted: {', '.join(schema)}"
+        )
     typed: dict[str, Any] = {}
     for name, spec in schema.items():
         if name in request and request[name] is not None:

@@ -89,11 +89,13 @@ class SemiSupervisedTrain(BundleTrainTask):
         options = super().config()
         for key in DROPPED_OPTIONS:
             options.pop(key, None)
-        options.update({
-            "max_epochs": 50,
-            "val_split": float(self._bundle_value("val_fraction", 0.1)),
-            "multi_gpu": False,
-        })
+        options.update(
+            {
+                "max_epochs": 50,
+                "val_split": float(self._bundle_value("val_fraction", 0.1)),
+                "multi_gpu": False,
+            }
+        )
         for option, key in BUNDLE_OPTIONS.items():
             if self.valid and key in self.bundle_config.config:
                 value = self._bundle_value(key)
@@ -151,11 +153,17 @@ class SemiSupervisedTrain(BundleTrainTask):
         studies = getattr(datastore, "studies", None)  # a local datastore's folder: only files inside it
         summary = build_training_folder(datastore, self._dataset_dir, studies=studies)
         self._summary = summary
-        logger.info("training data: %d labeled, %d unlabeled tomograms; skipped: %s",
-                    len(summary["labeled"]), len(summary["unlabeled"]), summary["skipped"] or "none")
+        logger.info(
+            "training data: %d labeled, %d unlabeled tomograms; skipped: %s",
+            len(summary["labeled"]),
+            len(summary["unlabeled"]),
+            summary["skipped"] or "none",
+        )
         if not summary["labeled"]:
-            raise ValueError("no labeled tomogram in the datastore: save a label with annotated slices first "
-                             f"(PUT /datastore/label); skipped: {summary['skipped'] or 'none'}")
+            raise ValueError(
+                "no labeled tomogram in the datastore: save a label with annotated slices first "
+                f"(PUT /datastore/label); skipped: {summary['skipped'] or 'none'}"
+            )
         return [{"image": i, "label": i} for i in summary["labeled"]]
 
     def _partition_datalist(self, datalist: list, request: dict[str, Any], shuffle: bool = False) -> tuple:
@@ -231,8 +239,15 @@ class SemiSupervisedTrain(BundleTrainTask):
         run_dir.mkdir(parents=True)
         stats_path = Path(self.bundle_path) / STATS_FILE
         start = time.time()
-        self._write_stats(stats_path, {"total_epochs": int(request.get("max_epochs", 50)),
-                                       "start_ts": int(start), "epoch": 0, "best_metric": 0.0})
+        self._write_stats(
+            stats_path,
+            {
+                "total_epochs": int(request.get("max_epochs", 50)),
+                "start_ts": int(start),
+                "epoch": 0,
+                "best_metric": 0.0,
+            },
+        )
         self._dataset_dir = Path(tempfile.mkdtemp(prefix="cryosxt-monailabel-train-"))
         stats: dict[str, Any] = {"total_epochs": int(request.get("max_epochs", 50)), "start_ts": int(start)}
         try:
@@ -246,9 +261,13 @@ class SemiSupervisedTrain(BundleTrainTask):
         finally:
             shutil.rmtree(self._dataset_dir, ignore_errors=True)
             self._dataset_dir = None
-            stats.update(total_time=round(time.time() - start, 1), **self._history_summary(run_dir),
-                         labeled=self._summary["labeled"], unlabeled=self._summary["unlabeled"],
-                         skipped=self._summary["skipped"])
+            stats.update(
+                total_time=round(time.time() - start, 1),
+                **self._history_summary(run_dir),
+                labeled=self._summary["labeled"],
+                unlabeled=self._summary["unlabeled"],
+                skipped=self._summary["skipped"],
+            )
             self._write_stats(stats_path, stats)
         logger.info("training done: %s", stats)
         return {**(result or {}), **stats}

@@ -125,8 +125,9 @@ def _checked_uri(uri: str, studies: Path | None, what: str) -> Path:
     return inside(uri, studies, what) if studies is not None else Path(uri)
 
 
-def build_training_folder(datastore: DatastoreView, root: str | os.PathLike,
-                          studies: str | os.PathLike | None = None) -> dict[str, Any]:
+def build_training_folder(
+    datastore: DatastoreView, root: str | os.PathLike, studies: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Write ``root/images`` and ``root/labels`` (+ sidecars) for every readable study.
 
     Studies that cannot be opened, and labels that cannot be opened or do not match their image,

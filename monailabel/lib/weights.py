@@ -43,7 +43,6 @@ def publish_weights(run_dir: Path, target: Path) -> Path:
     metadata sidecar to ``target``'s; return the source. ``target`` is replaced atomically or left
     as it was."""
     import torch
-
     from scripts.io.weights_metadata import MetadataError, metadata_path, read_metadata, write_metadata
 
     best, last = run_dir / "model.pt", run_dir / "last.pt"

@@ -35,9 +35,9 @@ from typing import Any, NoReturn
 import numpy as np
 import pytest
 import torch
+from scripts.io.volume import open_volume, write_volume
 
 from conftest import monailabel_module
-from scripts.io.volume import open_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundle"
@@ -77,8 +77,13 @@ def remaining(cap: float) -> float:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = REQUEST_TIMEOUT_S,
+) -> tuple[int, dict[str, str], bytes]:
     if body is None and method in ("POST", "PUT"):
         body = b""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
@@ -101,13 +106,14 @@ def multipart(form: dict[str, str], files: dict[str, Path] | None = None) -> tup
     """A multipart/form-data body: text fields and file fields (sent under the file's name)."""
     boundary = uuid.uuid4().hex
     chunks = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in form.items()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in form.items()
     ]
     for field, path in (files or {}).items():
         chunks.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + path.read_bytes()
+            + b"\r\n"
         )
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
@@ -119,8 +125,9 @@ def put_label(base: str, image_id: str, path: Path, params: dict | None = None) 
     return http_json("PUT", f"{base}/datastore/label?{query}", body=body, headers=headers)
 
 
-def infer(base: str, image_id: str, output: str = "image", model: str = MODEL,
-          params: dict | None = None) -> tuple[int, dict, bytes]:
+def infer(
+    base: str, image_id: str, output: str = "image", model: str = MODEL, params: dict | None = None
+) -> tuple[int, dict, bytes]:
     query = urllib.parse.urlencode({"image": image_id, "output": output})
     body, headers = multipart({"params": json.dumps(params or {})})
     return http("POST", f"{base}/infer/{model}?{query}", body=body, headers=headers, timeout=INFER_TIMEOUT_S)
@@ -140,9 +147,7 @@ def datastore_state(base: str, studies: Path) -> tuple[Any, list[str]]:
     """The datastore as the server lists it, and the files under the studies folder."""
     status, listing = http_json("GET", f"{base}/datastore/?output=all")
     assert status == 200, listing
-    files = sorted(
-        str(p.relative_to(studies)) for p in studies.rglob("*") if p.is_file() and p.name != ".lock"
-    )
+    files = sorted(str(p.relative_to(studies)) for p in studies.rglob("*") if p.is_file() and p.name != ".lock")
     return listing, files
 
 
@@ -151,8 +156,9 @@ def datastore_state(base: str, studies: Path) -> tuple[Any, list[str]]:
 
 def _run_bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int, str, str]:
     """Run ``cmd`` in its own process group; on timeout kill the whole group and raise."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -177,11 +183,14 @@ def venv() -> Path:
     env = {**os.environ, "PYTHON": sys.executable}
     start = time.monotonic()
     try:
-        code, out, err = _run_bounded(["bash", str(REPO / "tools" / "monailabel_env.sh"), target],
-                                      remaining(INSTALL_TIMEOUT_S), env=env)
+        code, out, err = _run_bounded(
+            ["bash", str(REPO / "tools" / "monailabel_env.sh"), target], remaining(INSTALL_TIMEOUT_S), env=env
+        )
     except subprocess.TimeoutExpired as timeout:
-        _environment_unavailable(f"installing MONAI Label took over {INSTALL_TIMEOUT_S:.0f} s "
-                                 f"(slow package index?):\n{(timeout.stderr or '')[-2000:]}")
+        _environment_unavailable(
+            f"installing MONAI Label took over {INSTALL_TIMEOUT_S:.0f} s "
+            f"(slow package index?):\n{(timeout.stderr or '')[-2000:]}"
+        )
     TIMINGS["venv_s"] = time.monotonic() - start
     if code == EX_ENVIRONMENT:
         _environment_unavailable("MONAI Label's environment cannot be built on this machine:\n" + err[-2000:])
@@ -195,9 +204,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("monailabel")
     sim = root / "sim"
     code, _, err = _run_bounded(
-        [sys.executable, "-m", "cryosxt_sim", "--out", str(sim), "--count", "2",
-         "--shape", ",".join(map(str, SHAPE)), "--seed", "0"],
-        remaining(120), cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "cryosxt_sim",
+            "--out",
+            str(sim),
+            "--count",
+            "2",
+            "--shape",
+            ",".join(map(str, SHAPE)),
+            "--seed",
+            "0",
+        ],
+        remaining(120),
+        cwd=REPO,
     )
     images = sorted((sim / "images").glob("*.mrc"))
     if code != 0 or len(images) != 2:  # the simulator is not what this test is about
@@ -216,7 +237,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Small random weights in the app's working copy (kept by the app): the test's run time does not
     # depend on the width of whatever bundle/models/model.pt ships.
     import torch
-
     from scripts.network.double_decoder import DoubleDecoderNet
 
     models = app / "model" / MODEL / "models"
@@ -259,13 +279,15 @@ def server(venv: Path, workspace: dict[str, Path]) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
     log_path = workspace["root"] / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MONAI_LABEL_")}
-    env.update({
-        "PYTHON": sys.executable,
-        "CRYOSXT_MONAILABEL_VENV": str(venv),
-        "CRYOSXT_MONAILABEL_APP": str(workspace["app"]),
-        "MONAILABEL_HOST": "127.0.0.1",
-        "MONAI_LABEL_SESSION_PATH": str(workspace["root"] / "sessions"),
-    })
+    env.update(
+        {
+            "PYTHON": sys.executable,
+            "CRYOSXT_MONAILABEL_VENV": str(venv),
+            "CRYOSXT_MONAILABEL_APP": str(workspace["app"]),
+            "MONAILABEL_HOST": "127.0.0.1",
+            "MONAI_LABEL_SESSION_PATH": str(workspace["root"] / "sessions"),
+        }
+    )
     cmd = ["bash", str(REPO / "tools" / "start_monailabel.sh"), str(workspace["studies"]), str(port)]
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -346,11 +368,11 @@ def test_annotate_infer_train_round_trip(server: str, workspace: dict[str, Path]
     body, headers = multipart({}, {"files": studies / "cell_a.mrc"})
     status, session = http_json("PUT", f"{server}/session/", body=body, headers=headers)
     assert status == 200, session
-    query = urllib.parse.urlencode({"image": "local_volume", "session_id": session["session_id"],
-                                    "output": "json"})
+    query = urllib.parse.urlencode({"image": "local_volume", "session_id": session["session_id"], "output": "json"})
     body, headers = multipart({"params": "{}"})
-    status, result = http_json("POST", f"{server}/infer/{MODEL}?{query}", body=body, headers=headers,
-                               timeout=INFER_TIMEOUT_S)
+    status, result = http_json(
+        "POST", f"{server}/infer/{MODEL}?{query}", body=body, headers=headers, timeout=INFER_TIMEOUT_S
+    )
     assert status == 200 and result["shape"] == list(SHAPE), result
 
     status, before = http_json("GET", f"{server}/model/info/{MODEL}")
@@ -358,12 +380,24 @@ def test_annotate_infer_train_round_trip(server: str, workspace: dict[str, Path]
 
     # One short semi-supervised training run: cell_a labeled, cell_b (TIFF) unlabeled, broken skipped.
     # Every option /info lists, as 3D Slicer sends them, under the test's own.
-    params = {**slicer_options(info["trainers"][MODEL]["config"]), "client_id": "user-xyz",
-              "max_epochs": 1, "patch_size": 64, "batch_size": 1, "labeled_repeats": 1,
-              "unlabeled_steps_per_epoch": 2, "num_workers": 0, "val_split": 0.3}
+    params = {
+        **slicer_options(info["trainers"][MODEL]["config"]),
+        "client_id": "user-xyz",
+        "max_epochs": 1,
+        "patch_size": 64,
+        "batch_size": 1,
+        "labeled_repeats": 1,
+        "unlabeled_steps_per_epoch": 2,
+        "num_workers": 0,
+        "val_split": 0.3,
+    }
     start, started_at = time.monotonic(), time.time()
-    status, task = http_json("POST", f"{server}/train/{MODEL}", body=json.dumps(params).encode(),
-                             headers={"Content-Type": "application/json"})
+    status, task = http_json(
+        "POST",
+        f"{server}/train/{MODEL}",
+        body=json.dumps(params).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     assert status == 200, task
     deadline = time.monotonic() + remaining(TRAIN_TIMEOUT_S)
     while True:
@@ -386,8 +420,9 @@ def test_annotate_infer_train_round_trip(server: str, workspace: dict[str, Path]
     last = working / "runs" / "monailabel" / "last.pt"  # the bundle's own checkpoint
     assert last.is_file()
     # The publisher reads it with weights_only=True (when a run has no best model, it publishes this).
-    assert set(monailabel_module("weights").network_state(last)) == set(torch.load(
-        working / "models" / "model.pt", map_location="cpu", weights_only=True))
+    assert set(monailabel_module("weights").network_state(last)) == set(
+        torch.load(working / "models" / "model.pt", map_location="cpu", weights_only=True)
+    )
     assert (working / "models" / "model.pt").stat().st_mtime >= started_at  # published over the old one
 
     # The server picks up the new weights for the next prediction; this one asked for NIfTI.
@@ -444,8 +479,7 @@ def test_infer_runs_the_bundle_core_with_slice_range_probability_and_tta(
     assert prob[2:5].max() > 1  # a probability map (0-255), not a 0/1 mask
     assert not prob[:2].any() and not prob[5:].any()  # slices outside the range stay 0
     # The same map as float16 (0-1), the range given as "z0-z1".
-    status, _, body = infer(server, "cell_a", params={"slice_range": "2-5", "probability": "float16",
-                                                      "tta": True})
+    status, _, body = infer(server, "cell_a", params={"slice_range": "2-5", "probability": "float16", "tta": True})
     assert status == 200, body[:2000]
     path = workspace["root"] / "probability_float16.mrc"
     path.write_bytes(body)
@@ -457,8 +491,15 @@ def test_infer_runs_the_bundle_core_with_slice_range_probability_and_tta(
     assert status == 400 and b"slice range" in body, body
 
 
-def call(method: str, url: str, query: dict | None = None, form: dict | None = None,
-         files: dict[str, Path] | None = None, body: Any = None, timeout: float = REQUEST_TIMEOUT_S) -> tuple:
+def call(
+    method: str,
+    url: str,
+    query: dict | None = None,
+    form: dict | None = None,
+    files: dict[str, Path] | None = None,
+    body: Any = None,
+    timeout: float = REQUEST_TIMEOUT_S,
+) -> tuple:
     """One request: a query string, then a multipart form (``form``/``files``) or a JSON ``body``."""
     url = f"{url}?{urllib.parse.urlencode(query)}" if query else url
     if form is not None or files:
@@ -509,15 +550,31 @@ def test_hostile_requests_are_refused_and_change_nothing(server: str, workspace:
     image_url, label_url = f"{server}/datastore/image", f"{server}/datastore/label"
 
     # 1. Options: typed, allow-listed, never a config expression (the issue's payload included).
-    for options in ({"seed": payload}, {"device": payload}, {"max_epochs": payload},
-                    {"learning_rate": "@seed"}, {"patch_size": {"_target_": "os.system", "command": "id"}},
-                    {"run_id": "initialize"}, {"bogus": 1}, {"model_filename": "../../outside/victim.pt"},
-                    {"max_epochs": 0}, {"val_split": 2}):
+    for options in (
+        {"seed": payload},
+        {"device": payload},
+        {"max_epochs": payload},
+        {"learning_rate": "@seed"},
+        {"patch_size": {"_target_": "os.system", "command": "id"}},
+        {"run_id": "initialize"},
+        {"bogus": 1},
+        {"model_filename": "../../outside/victim.pt"},
+        {"max_epochs": 0},
+        {"val_split": 2},
+    ):
         expect(call("POST", train_url, body=options), (422,), next(iter(options)), "training not started")
-    for options in ({"device": payload}, {"threshold": payload}, {"tta": "maybe"}, {"batch_size": 0},
-                    {"model_filename": "/etc/passwd"}, {"result_extension": payload},
-                    {"label_tag": "../../escape", "save_label": True}, {"slice_range": payload},
-                    {"slice_range": [-1, 5]}, {"probability": "float32"}):
+    for options in (
+        {"device": payload},
+        {"threshold": payload},
+        {"tta": "maybe"},
+        {"batch_size": 0},
+        {"model_filename": "/etc/passwd"},
+        {"result_extension": payload},
+        {"label_tag": "../../escape", "save_label": True},
+        {"slice_range": payload},
+        {"slice_range": [-1, 5]},
+        {"probability": "float32"},
+    ):
         expect(infer(server, "cell_a", params=options), (422,), next(iter(options)))
 
     # 2-3. Inference only on datastore images: no path, whatever exists on disk.
@@ -594,8 +651,6 @@ def test_cors_allows_loopback_origins_only(server: str) -> None:
 # ----------------------------------------------------------------------------- no server
 
 
-
-
 class FakeDatastore:
     def __init__(self, images: dict[str, Path], labels: dict[str, Path], info: dict[str, dict]) -> None:
         self.images, self.labels, self.info = images, labels, info
@@ -624,14 +679,20 @@ def test_training_folder_marks_only_annotated_slices(tmp_path: Path) -> None:
     images, labels = {}, {}
     for name in ("slicer", "bundle", "listed", "everything", "empty", "mismatch", "unlabeled"):
         images[name] = write_volume(tmp_path / "studies" / f"{name}.mrc", image, voxel_size_nm=10.0)
-    for name, data in (("slicer", slicer_label), ("bundle", bundle_label), ("listed", slicer_label),
-                       ("everything", slicer_label), ("empty", np.zeros_like(slicer_label)),
-                       ("mismatch", slicer_label[:, :8])):
+    for name, data in (
+        ("slicer", slicer_label),
+        ("bundle", bundle_label),
+        ("listed", slicer_label),
+        ("everything", slicer_label),
+        ("empty", np.zeros_like(slicer_label)),
+        ("mismatch", slicer_label[:, :8]),
+    ):
         labels[name] = write_volume(tmp_path / "labels" / f"{name}.nii.gz", data, voxel_size_nm=10.0)
     (tmp_path / "studies" / "broken.mrc").write_bytes(b"garbage" * 50)
     images["broken"] = tmp_path / "studies" / "broken.mrc"
-    store = FakeDatastore(images, labels, {"listed": {"annotated_slices": "0-2, 5"},
-                                           "everything": {"annotated_slices": "all"}})
+    store = FakeDatastore(
+        images, labels, {"listed": {"annotated_slices": "0-2, 5"}, "everything": {"annotated_slices": "all"}}
+    )
 
     out = tmp_path / "train"
     summary = td.build_training_folder(store, out)
@@ -661,8 +722,13 @@ def test_working_bundle_keeps_trained_weights(tmp_path: Path) -> None:
     bundle_copy = monailabel_module("bundle_copy")
 
     source = tmp_path / "bundle"
-    for name, text in (("configs/metadata.json", '{"name": "demo"}'), ("configs/inference.json", "{}"),
-                       ("scripts/__init__.py", ""), ("scripts/a.py", "A = 1\n"), ("models/model.pt", "v1")):
+    for name, text in (
+        ("configs/metadata.json", '{"name": "demo"}'),
+        ("configs/inference.json", "{}"),
+        ("scripts/__init__.py", ""),
+        ("scripts/a.py", "A = 1\n"),
+        ("models/model.pt", "v1"),
+    ):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(text)
     dest = bundle_copy.prepare_working_bundle(source, tmp_path / "app" / "model")
@@ -688,23 +754,51 @@ def test_request_options_are_typed_values_or_refused() -> None:
     """Options become ints, floats, bools and chosen strings; anything else is refused by name."""
     ro = monailabel_module("request_options")
     schema = ro.train_options(["model.pt", "model_v2.pt"], ro.device_choices(["NVIDIA H200"], 1))
-    typed = ro.parse_options({"max_epochs": "3", "learning_rate": "1e-3", "pretrained": "false", "seed": 7.0,
-                              "semi_supervised": 1, "device": ["NVIDIA H200", "cpu"], "gpus": "0",
-                              "model_filename": "model_v2.pt", "val_split": -1, "client_id": "slicer",
-                              "tracking": "mlflow", "unlabeled_steps_per_epoch": None},
-                             schema, ro.TRAIN_IGNORED)
-    assert typed == {"max_epochs": 3, "learning_rate": 1e-3, "pretrained": False, "seed": 7,
-                     "semi_supervised": True, "device": "NVIDIA H200", "gpus": "0",
-                     "model_filename": "model_v2.pt", "val_split": -1.0}
+    typed = ro.parse_options(
+        {
+            "max_epochs": "3",
+            "learning_rate": "1e-3",
+            "pretrained": "false",
+            "seed": 7.0,
+            "semi_supervised": 1,
+            "device": ["NVIDIA H200", "cpu"],
+            "gpus": "0",
+            "model_filename": "model_v2.pt",
+            "val_split": -1,
+            "client_id": "slicer",
+            "tracking": "mlflow",
+            "unlabeled_steps_per_epoch": None,
+        },
+        schema,
+        ro.TRAIN_IGNORED,
+    )
+    assert typed == {
+        "max_epochs": 3,
+        "learning_rate": 1e-3,
+        "pretrained": False,
+        "seed": 7,
+        "semi_supervised": True,
+        "device": "NVIDIA H200",
+        "gpus": "0",
+        "model_filename": "model_v2.pt",
+        "val_split": -1.0,
+    }
     payload = "$__import__('os').system('id')"
-    for bad, option in (({"seed": payload}, "seed"), ({"device": payload}, "device"),
-                        ({"gpus": payload}, "gpus"),
-                        ({"max_epochs": True}, "max_epochs"), ({"max_epochs": 0}, "max_epochs"),
-                        ({"learning_rate": 0}, "learning_rate"), ({"learning_rate": "nan"}, "learning_rate"),
-                        ({"pretrained": "maybe"}, "pretrained"), ({"patch_size": {"_target_": "os.system"}},
-                                                                  "patch_size"),
-                        ({"model_filename": "../model.pt"}, "model_filename"), ({"run_id": "x"}, "run_id"),
-                        ({"zzz": 1, "aaa": 2}, "aaa, zzz"), ({"seed": "@max_epochs"}, "seed")):
+    for bad, option in (
+        ({"seed": payload}, "seed"),
+        ({"device": payload}, "device"),
+        ({"gpus": payload}, "gpus"),
+        ({"max_epochs": True}, "max_epochs"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"learning_rate": "nan"}, "learning_rate"),
+        ({"pretrained": "maybe"}, "pretrained"),
+        ({"patch_size": {"_target_": "os.system"}}, "patch_size"),
+        ({"model_filename": "../model.pt"}, "model_filename"),
+        ({"run_id": "x"}, "run_id"),
+        ({"zzz": 1, "aaa": 2}, "aaa, zzz"),
+        ({"seed": "@max_epochs"}, "seed"),
+    ):
         with pytest.raises(ro.OptionError) as err:
             ro.parse_options(bad, schema, ro.TRAIN_IGNORED)
         assert err.value.option == option and option in str(err.value)
@@ -712,21 +806,45 @@ def test_request_options_are_typed_values_or_refused() -> None:
     infer_schema = ro.infer_options(["model.pt"], ro.device_choices(["cpu"], 0))
     request = {"result_extension": "NII.GZ", "tta": "true", "threshold": "-0.5", "label_info": [{}]}
     assert ro.parse_options(request, infer_schema, ro.INFER_IGNORED) == {
-        "result_extension": ".nii.gz", "tta": True, "threshold": -0.5}
-    for bad in ({"threshold": 2}, {"device": "cuda"}, {"save_label": True}, {"label_tag": "../x"},
-                {"result_extension": "$x"}):
+        "result_extension": ".nii.gz",
+        "tta": True,
+        "threshold": -0.5,
+    }
+    for bad in (
+        {"threshold": 2},
+        {"device": "cuda"},
+        {"save_label": True},
+        {"label_tag": "../x"},
+        {"result_extension": "$x"},
+    ):
         with pytest.raises(ro.OptionError):
             ro.parse_options(bad, infer_schema, ro.INFER_IGNORED)
     # The slice range: two non-negative ints; the probability: the bundle's dtypes (or a checkbox).
     for value, typed in (("2,5", [2, 5]), (" 10 - 40 ", [10, 40]), ([0, 3], [0, 3]), ("", None)):
         assert ro.parse_options({"slice_range": value}, infer_schema).get("slice_range") == typed
-    for value, typed in (("float16", "float16"), ("UINT8", "uint8"), ("true", "uint8"), (True, "uint8"),
-                         (["none", "uint8", "float16"], None), (False, None), ("null", None)):
+    for value, typed in (
+        ("float16", "float16"),
+        ("UINT8", "uint8"),
+        ("true", "uint8"),
+        (True, "uint8"),
+        (["none", "uint8", "float16"], None),
+        (False, None),
+        ("null", None),
+    ):
         assert ro.parse_options({"probability": value}, infer_schema).get("probability") == typed
-    for bad in ({"slice_range": "-1,5"}, {"slice_range": "2,5,7"}, {"slice_range": "2..5"},
-                {"slice_range": [1.5, 3]}, {"slice_range": [True, 3]}, {"slice_range": [2]},
-                {"slice_range": "\u0662,5"}, {"slice_range": payload}, {"probability": "float32"},
-                {"probability": 1}, {"probability": payload}):
+    for bad in (
+        {"slice_range": "-1,5"},
+        {"slice_range": "2,5,7"},
+        {"slice_range": "2..5"},
+        {"slice_range": [1.5, 3]},
+        {"slice_range": [True, 3]},
+        {"slice_range": [2]},
+        {"slice_range": "\u0662,5"},
+        {"slice_range": payload},
+        {"probability": "float32"},
+        {"probability": 1},
+        {"probability": payload},
+    ):
         with pytest.raises(ro.OptionError, match=next(iter(bad))):
             ro.parse_options(bad, infer_schema, ro.INFER_IGNORED)
     # The last check, for values that reach the parser by another way.
@@ -740,8 +858,7 @@ def test_plain_names_and_paths_inside_their_folder(tmp_path: Path) -> None:
     sp = monailabel_module("safe_paths")
     for name in ("cell_a", "Cell-01.v2", "a" * 128, "0"):
         assert sp.check_plain_name(name, "id") == name
-    for name in ("", ".", "..", ".hidden", "-x", "../x", "/abs/x", "a/b", "a\\b", "a b", "a" * 129, "é",
-                 None):
+    for name in ("", ".", "..", ".hidden", "-x", "../x", "/abs/x", "a/b", "a\\b", "a b", "a" * 129, "é", None):
         with pytest.raises(sp.UnsafePathError, match="not a plain name"):
             sp.check_plain_name(name, "id")
     studies = tmp_path / "studies"
@@ -767,8 +884,13 @@ def test_training_folder_links_only_files_inside_the_studies(tmp_path: Path) -> 
     stray = write_volume(tmp_path / "stray.mrc", image, voxel_size_nm=10.0)
     stray_label = write_volume(tmp_path / "stray_label.nii.gz", label, voxel_size_nm=10.0)
     (studies / "linked.mrc").symlink_to(stray)
-    images = {"good": good, str(stray.with_suffix("")): stray, "../stray": stray,
-              "linked": studies / "linked.mrc", "foreign_label": good}
+    images = {
+        "good": good,
+        str(stray.with_suffix("")): stray,
+        "../stray": stray,
+        "linked": studies / "linked.mrc",
+        "foreign_label": good,
+    }
     labels = {"good": good_label, "foreign_label": stray_label}
     summary = td.build_training_folder(FakeDatastore(images, labels, {}), out, studies=studies)
     assert summary["labeled"] == ["good"]
@@ -777,8 +899,7 @@ def test_training_folder_links_only_files_inside_the_studies(tmp_path: Path) -> 
     assert "outside" in summary["skipped"]["linked"] and "outside" in summary["skipped"]["foreign_label"]
     assert summary["unlabeled"] == ["foreign_label"]
     linked = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_symlink() or p.is_file())
-    assert linked == ["images/foreign_label.mrc", "images/good.mrc", "labels/good.nii.gz",
-                      "labels/good.slices.txt"]
+    assert linked == ["images/foreign_label.mrc", "images/good.mrc", "labels/good.nii.gz", "labels/good.slices.txt"]
     assert all(p.resolve().is_relative_to(studies.resolve()) for p in out.rglob("*.*") if p.is_symlink())
 
 
@@ -796,7 +917,6 @@ def test_publish_loads_checkpoints_as_data_only(tmp_path: Path) -> None:
     """weights_only=True: a pickle that runs code is refused before it runs; the bundle's own last.pt
     (network, both optimisers, evaluator and trainer state) is read and its network published."""
     from ignite.engine import Engine
-
     from scripts.network.double_decoder import DoubleDecoderNet
     from scripts.train.workflow import LastCheckpoint
 
@@ -816,8 +936,12 @@ def test_publish_loads_checkpoints_as_data_only(tmp_path: Path) -> None:
     net = DoubleDecoderNet(width=4)
     evaluator = Engine(lambda engine, batch: None)
     evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.5, 1
-    save_dict = {"network": net, "optimizer": torch.optim.Adam(net.parameters()),
-                 "unlabeled_optimizer": torch.optim.Adam(net.parameters()), "evaluator": evaluator}
+    save_dict = {
+        "network": net,
+        "optimizer": torch.optim.Adam(net.parameters()),
+        "unlabeled_optimizer": torch.optim.Adam(net.parameters()),
+        "evaluator": evaluator,
+    }
     trainer = Engine(lambda engine, batch: None)
     trainer.state.epoch = 1
     run = tmp_path / "run"
@@ -832,7 +956,6 @@ def test_wrapped_errors_are_found(tmp_path: Path) -> None:
     """MONAI re-raises a config expression's error as "Failed to evaluate ConfigExpression"; the app
     answers with the bundle's own error (its message names the weights file)."""
     from monai.bundle import ConfigParser
-
     from scripts.network.weights import WeightsError
 
     missing = tmp_path / "model.pt"
@@ -844,4 +967,3 @@ def test_wrapped_errors_are_found(tmp_path: Path) -> None:
     found = monailabel_module("errors").find_cause(raised.value, (WeightsError,))
     assert isinstance(found, WeightsError) and str(missing) in str(found)
     assert monailabel_module("errors").find_cause(ValueError("x"), (WeightsError,)) is None
-

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from scripts.infer.resample import resample_slices, resampled_size
 from scripts.io.volume import VolumeError, find_volumes, open_volume
 from scripts.io.weights_metadata import WeightsMetadata, metadata_path, read_metadata, write_metadata
@@ -38,6 +36,7 @@ from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
 from scripts.network.weights import load_weights, weights_info
 from scripts.reconstruction import MIN_SIDE, pick_slices, reconstruction_error
+from torch import nn
 
 __all__ = [
     "OOD_RATIO",
@@ -98,9 +97,7 @@ class ReconstructionScorer:
     def enabled(self) -> bool:
         return self.slices > 0
 
-    def score(
-        self, volume_data: np.ndarray, z0: int, z1: int, scale: Sequence[float] | None = None
-    ) -> dict:
+    def score(self, volume_data: np.ndarray, z0: int, z1: int, scale: Sequence[float] | None = None) -> dict:
         """The score of slices ``[z0, z1)`` of a (z, y, x) volume.
 
         ``scale``: the in-plane resampling factors inference applies (voxel-size matching), so the
@@ -115,9 +112,15 @@ class ReconstructionScorer:
         picked = pick_slices(volume_data.shape[0], z0, z1, self.slices)
         if not picked:
             raise ValueError(f"slice range [{z0}, {z1}) is empty for {volume_data.shape[0]} slices")
-        result: dict = {"score": None, "slices": picked, "per_slice": [],
-                        "training_level": self.training_level, "ratio": None, "flagged": False,
-                        "threshold": OOD_RATIO}
+        result: dict = {
+            "score": None,
+            "slices": picked,
+            "per_slice": [],
+            "training_level": self.training_level,
+            "ratio": None,
+            "flagged": False,
+            "threshold": OOD_RATIO,
+        }
         stack = torch.as_tensor(np.stack([np.asarray(volume_data[z], dtype=np.float32) for z in picked]))
         if scale is not None:
             stack = resample_slices(stack, resampled_size(stack.shape, scale))
@@ -138,9 +141,11 @@ class ReconstructionScorer:
 
 def ood_warning(name: str, result: dict) -> str:
     """The warning for a flagged tomogram: its score against the training level, and what to do."""
-    return (f"{name}: reconstruction error {result['score']:.3g} is {result['ratio']:.1f}x the training "
-            f"level {result['training_level']:.3g}: this tomogram looks unlike the training data; consider "
-            f"adapting the model (python -m monai.bundle run adapting ..., docs/training.md)")
+    return (
+        f"{name}: reconstruction error {result['score']:.3g} is {result['ratio']:.1f}x the training "
+        f"level {result['training_level']:.3g}: this tomogram looks unlike the training data; consider "
+        f"adapting the model (python -m monai.bundle run adapting ..., docs/training.md)"
+    )
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -166,9 +171,7 @@ def _volumes_or_none(folder: Path) -> list[Path]:
         return []
 
 
-def calibrate(
-    weights: str, data_dir: str, slices: int = 16, width: int | None = None, device: str = "cpu"
-) -> None:
+def calibrate(weights: str, data_dir: str, slices: int = 16, width: int | None = None, device: str = "cpu") -> None:
     """Measure the median OOD score of the tomograms in ``data_dir`` and store it as the weights'
     ``ood_level`` (every other sidecar field kept).
 
@@ -200,8 +203,7 @@ def calibrate(
     sidecar = metadata_path(weights_path)
     meta = read_metadata(weights_path, info.width)
     if meta is None and sidecar.is_file():  # describes other weights: keep it rather than overwrite it
-        raise ValueError(f"{sidecar}: describes other weights than {weights_path.name}; "
-                         "move it away and rerun")
+        raise ValueError(f"{sidecar}: describes other weights than {weights_path.name}; move it away and rerun")
     if meta is None:  # no sidecar: start from what weights_info knows (the published network's for Keras)
         meta = WeightsMetadata(info.width, info.voxel_size_nm, info.recipe, info.trained_on)
     write_metadata(weights_path, dataclasses.replace(meta, ood_level=level))

@@ -48,8 +48,6 @@ class PostProcessing:
     def volume(self, mask: np.ndarray) -> np.ndarray:
         """Whole-volume steps on a ``(Z, H, W)`` uint8 mask, in place where possible."""
         if self.needs_volume:
-            keep = remove_small_objects(
-                mask.astype(bool), max_size=self.min_object_voxels - 1, connectivity=3
-            )
+            keep = remove_small_objects(mask.astype(bool), max_size=self.min_object_voxels - 1, connectivity=3)
             mask[...] = keep
         return mask

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import NormalizeIntensity
-from torch import nn
-
 from scripts.infer.memory import GIB, RUNTIME_BYTES, MemoryPlan, default_budget_bytes, plan_memory
 from scripts.infer.resample import VoxelMatch, match_voxel_size, resample_slices, resampled_size
 from scripts.io.pages import keep_freed_memory
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
 from scripts.options import as_bool, as_optional
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +131,7 @@ class SlicePredictor:
     ) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
-        self.inferer = (
-            inferer if inferer is not None else SlidingWindowInferer(roi_size=(-1, -1), overlap=0.25)
-        )
+        self.inferer = inferer if inferer is not None else SlidingWindowInferer(roi_size=(-1, -1), overlap=0.25)
         self.max_window = max_window
         self.tta = as_bool(tta, "tta")
         self.tta_polarity = as_bool(tta_polarity, "tta_polarity")
@@ -286,18 +283,20 @@ class SlicePredictor:
         for these weights; logs the decision (an unknown voxel size once per predictor)."""
         match = match_voxel_size(voxel_size_nm, self.weights_voxel_size_nm, self.match_voxel_size)
         if match.resampled:
-            logger.info("%s: %s nm voxels, weights trained at %g nm: slices resampled x%.3g, x%.3g in plane",
-                        name, "x".join(f"{v:g}" for v in match.tomogram_voxel_size_nm),
-                        match.weights_voxel_size_nm, *match.scale)
+            logger.info(
+                "%s: %s nm voxels, weights trained at %g nm: slices resampled x%.3g, x%.3g in plane",
+                name,
+                "x".join(f"{v:g}" for v in match.tomogram_voxel_size_nm),
+                match.weights_voxel_size_nm,
+                *match.scale,
+            )
         elif match.enabled and match.reason not in self._warned and not match.reason.startswith("within"):
             self._warned.add(match.reason)  # a folder of headerless tomograms: said once, not per file
             logger.warning("%s: slices not resampled: %s", name, match.reason)
         return match
 
     @torch.inference_mode()
-    def predict(
-        self, slices: np.ndarray | torch.Tensor, scale: Sequence[float] | None = None
-    ) -> SlicePrediction:
+    def predict(self, slices: np.ndarray | torch.Tensor, scale: Sequence[float] | None = None) -> SlicePrediction:
         # A private float32 copy: the slices may be a read-only memory map of the user's tomogram.
         if self.device.type == "cuda" and scale is None:
             batch = self._staged(np.asarray(slices))

@@ -75,8 +75,11 @@ def match_voxel_size(
     if all(abs(s - 1.0) <= TOLERANCE for s in scale):
         return _no(match, f"within {TOLERANCE:.0%} of the weights' voxel size")
     if any(s > MAX_SCALE or s < 1.0 / MAX_SCALE for s in scale):
-        return _no(match, f"{in_plane} nm is more than {MAX_SCALE:g}x away from the weights' "
-                   f"{weights_voxel_size_nm:g} nm: check the header or set voxel_size_nm")
+        return _no(
+            match,
+            f"{in_plane} nm is more than {MAX_SCALE:g}x away from the weights' "
+            f"{weights_voxel_size_nm:g} nm: check the header or set voxel_size_nm",
+        )
     return VoxelMatch(in_plane, weights_voxel_size_nm, True, True, scale)  # type: ignore[arg-type]
 
 
@@ -98,6 +101,5 @@ def resample_slices(slices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(int(n) for n in size)
     if tuple(slices.shape[-2:]) == size:
         return slices
-    out = F.interpolate(slices.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False,
-                        antialias=True)
+    out = F.interpolate(slices.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False, antialias=True)
     return out[:, 0]

@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
-
 from scripts.infer.pipeline import run_overlapped
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePrediction, SlicePredictor
@@ -25,6 +23,7 @@ from scripts.infer.resample import VoxelMatch
 from scripts.io.pages import release_pages, trim_heap
 from scripts.io.sinks import Sink
 from scripts.io.volume import VolumeError
+from tqdm import tqdm
 
 __all__ = ["KINDS", "output_dtype", "segment_volume", "slice_bounds"]
 

@@ -14,7 +14,6 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
-
 from scripts.infer.ood import ReconstructionScorer, ood_warning
 from scripts.infer.postprocess import PostProcessing
 from scripts.infer.predict import SlicePredictor
@@ -42,8 +41,15 @@ __all__ = ["TomogramSegmenter", "InferenceError"]
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = {"mrc": ".mrc", "tif": ".tif", "tiff": ".tif", "nii": ".nii.gz", "nii.gz": ".nii.gz",
-            "ome.zarr": ".ome.zarr", "zarr": ".ome.zarr"}
+SUFFIXES = {
+    "mrc": ".mrc",
+    "tif": ".tif",
+    "tiff": ".tif",
+    "nii": ".nii.gz",
+    "nii.gz": ".nii.gz",
+    "ome.zarr": ".ome.zarr",
+    "zarr": ".ome.zarr",
+}
 
 
 class InferenceError(RuntimeError):
@@ -249,7 +255,13 @@ class TomogramSegmenter:
         return result
 
     def _segment_shared(
-        self, volume: Volume, stem: str, outputs: dict, z_range: tuple[int, int], rank: int, world: int,
+        self,
+        volume: Volume,
+        stem: str,
+        outputs: dict,
+        z_range: tuple[int, int],
+        rank: int,
+        world: int,
         match: VoxelMatch | None = None,
     ) -> int:
         """All ranks predict their part of ``z_range`` into shared raw files; rank 0 writes the outputs.
@@ -307,7 +319,11 @@ class TomogramSegmenter:
         return new_memmap(raw, np.uint8, volume.data.shape, f"the staged mask of {volume.path.name}")
 
     def _segment_range(
-        self, volume: Volume, writers: dict, z_range: tuple[int, int], extent: tuple[int, int],
+        self,
+        volume: Volume,
+        writers: dict,
+        z_range: tuple[int, int],
+        extent: tuple[int, int],
         match: VoxelMatch | None = None,
     ) -> int:
         """Segment ``z_range`` and write the slices of ``extent`` (zeros outside the range)."""
@@ -318,9 +334,7 @@ class TomogramSegmenter:
             overlap_io=self.overlap_io,
         )  # fmt: skip
 
-    def _copy_staged(
-        self, staged: np.memmap, paths: list[Path], volume: Volume, kind: str, stack: ExitStack
-    ) -> int:
+    def _copy_staged(self, staged: np.memmap, paths: list[Path], volume: Volume, kind: str, stack: ExitStack) -> int:
         """Stream a staged raw volume into its output files; returns its sum (the mask's foreground)."""
         writers = [stack.enter_context(self._writer(p, volume, kind)) for p in paths]
         total = 0
@@ -346,9 +360,7 @@ class TomogramSegmenter:
             paths = find_volumes(tomograms)
         else:
             paths = [Path(p) for p in tomograms]
-        share_slices = world > 1 and (
-            self.distribute == "slices" or (self.distribute == "auto" and len(paths) < world)
-        )
+        share_slices = world > 1 and (self.distribute == "slices" or (self.distribute == "auto" and len(paths) < world))
         mine, ranks = (paths, (rank, world)) if share_slices else (paths[rank::world], (0, 1))
         logger.info(
             "segmenting %d of %d tomograms from %s on %s (rank %d/%d, sharing %s), weights %s",
@@ -438,9 +450,7 @@ class TomogramSegmenter:
                         "slices": s["shape"][0],
                         "height": s["shape"][1],
                         "width": s["shape"][2],
-                        "voxel_size_nm": "x".join(f"{v:g}" for v in s["voxel_size_nm"])
-                        if s["voxel_size_nm"]
-                        else "",
+                        "voxel_size_nm": "x".join(f"{v:g}" for v in s["voxel_size_nm"]) if s["voxel_size_nm"] else "",
                         "threshold": s["threshold"],
                         "foreground_fraction": f"{s['foreground_fraction']:.6f}",
                         "seconds": s["seconds"],
@@ -479,8 +489,7 @@ def _open_on_all_ranks(path: str | os.PathLike, voxel_size_nm, world: int, level
     if world == 1:
         return open_volume(path, voxel_size_nm=voxel_size_nm, level=level)
     opened: list[Volume] = []
-    _on_all_ranks(lambda: opened.append(open_volume(path, voxel_size_nm=voxel_size_nm, level=level)),
-                  Path(path))
+    _on_all_ranks(lambda: opened.append(open_volume(path, voxel_size_nm=voxel_size_nm, level=level)), Path(path))
     return opened[0]
 
 

@@ -16,7 +16,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 __all__ = [
-    "PARTIAL_MARKER", "OutputFolderError", "atomic_output", "full_suffix", "output_folder", "remove_output",
+    "PARTIAL_MARKER",
+    "OutputFolderError",
+    "atomic_output",
+    "full_suffix",
+    "output_folder",
+    "remove_output",
 ]
 
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}

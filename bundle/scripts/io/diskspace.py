@@ -84,8 +84,9 @@ def _allocate(fd: int, size: int, path: Path, what: str | None) -> None:
         raise
 
 
-def new_memmap(path: str | os.PathLike, dtype: np.dtype | str, shape: Sequence[int],
-               what: str | None = None) -> np.memmap:
+def new_memmap(
+    path: str | os.PathLike, dtype: np.dtype | str, shape: Sequence[int], what: str | None = None
+) -> np.memmap:
     """A new zero-filled file mapped for writing, its blocks reserved (unlike ``np.memmap(mode="w+")``)."""
     path = Path(path)
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from scripts.io.volume import VolumeError, iter_slabs
 
 __all__ = [
@@ -89,9 +88,7 @@ class LabelScan:
     uses_ignore: bool = False  # some voxel is 255
 
 
-def scan_labels(
-    data: np.ndarray, path: str | os.PathLike, slices: Sequence[int] | None = None
-) -> LabelScan:
+def scan_labels(data: np.ndarray, path: str | os.PathLike, slices: Sequence[int] | None = None) -> LabelScan:
     """Check the values of a (z, y, x) label volume and list its annotated and membrane slices.
 
     Reads slab by slab (``slices``: only those z indices). Every bad value of the file is collected

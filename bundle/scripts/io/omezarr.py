@@ -21,7 +21,6 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
-
 from scripts.io.volume import VolumeError, VoxelSize, _clean_voxel, _round_sig, _unit_to_nm, _warn_missing
 
 __all__ = ["CHUNK_SIDE", "OmeZarrSink", "ZarrStack", "read_omezarr", "zarr_bytes_to_write"]
@@ -115,16 +114,21 @@ def read_omezarr(path: Path, level: int = 0) -> tuple[ZarrStack | np.ndarray, Vo
     spatial = [i for i, kind in enumerate(kinds) if kind == "space"]
     lead = array.ndim - len(spatial)
     if spatial != list(range(lead, array.ndim)) or len(spatial) not in (2, 3):
-        raise VolumeError(f"{path}: OME-Zarr axes {''.join(names)} of shape {tuple(array.shape)}; expected "
-                          "2 or 3 space axes after any time/channel axes")
+        raise VolumeError(
+            f"{path}: OME-Zarr axes {''.join(names)} of shape {tuple(array.shape)}; expected "
+            "2 or 3 space axes after any time/channel axes"
+        )
     extra = [f"{names[i]}={array.shape[i]}" for i in range(lead) if array.shape[i] > 1]
     if extra:
-        raise VolumeError(f"{path}: OME-Zarr image with axes {''.join(names)} and shape {tuple(array.shape)} "
-                          f"has {', '.join(extra)}; expected one 3D stack (z, y, x): keep a single "
-                          "channel and time point")
+        raise VolumeError(
+            f"{path}: OME-Zarr image with axes {''.join(names)} and shape {tuple(array.shape)} "
+            f"has {', '.join(extra)}; expected one 3D stack (z, y, x): keep a single "
+            "channel and time point"
+        )
     if len(spatial) == 3 and tuple(names[lead:]) != _SPATIAL_NAMES:
-        warnings.warn(f"{path}: OME-Zarr space axes are {''.join(names[lead:])}; used as (z, y, x) as stored",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: OME-Zarr space axes are {''.join(names[lead:])}; used as (z, y, x) as stored", stacklevel=3
+        )
     scale, shift = _transforms(image, dataset, array.ndim, path)
     vox, origin = _physical(scale, shift, units, lead, path)
     stack = ZarrStack(array, lead, path)
@@ -135,11 +139,15 @@ def read_omezarr(path: Path, level: int = 0) -> tuple[ZarrStack | np.ndarray, Vo
 
 def _open_group(path: Path) -> tuple[zarr.Group, dict]:
     if (path / "zarr.json").is_file() and not (path / ".zgroup").is_file():
-        raise VolumeError(f"{path}: a Zarr v3 store (OME-NGFF 0.5); this bundle reads OME-NGFF 0.4 (Zarr v2) "
-                          "stores: save it as OME-NGFF 0.4")
+        raise VolumeError(
+            f"{path}: a Zarr v3 store (OME-NGFF 0.5); this bundle reads OME-NGFF 0.4 (Zarr v2) "
+            "stores: save it as OME-NGFF 0.4"
+        )
     if (path / ".zarray").is_file():
-        raise VolumeError(f"{path}: a bare Zarr array without OME-NGFF metadata; an OME-Zarr image (a group "
-                          "with 'multiscales' in .zattrs) was expected")
+        raise VolumeError(
+            f"{path}: a bare Zarr array without OME-NGFF metadata; an OME-Zarr image (a group "
+            "with 'multiscales' in .zattrs) was expected"
+        )
     if not (path / ".zgroup").is_file():
         raise VolumeError(f"{path}: no .zgroup; not a Zarr store (an OME-Zarr image folder was expected)")
     try:
@@ -196,8 +204,9 @@ def _axes(image: dict, ndim: int, path: Path) -> tuple[list[str], list[str], lis
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise VolumeError(f"{path}: OME-Zarr axis {axis!r} has no name")
         name = entry["name"]
-        kind = entry.get("type") or {"t": "time", "c": "channel"}.get(name.lower(), "space"
-                                                                      if name.lower() in "zyx" else "")
+        kind = entry.get("type") or {"t": "time", "c": "channel"}.get(
+            name.lower(), "space" if name.lower() in "zyx" else ""
+        )
         names.append(name)
         kinds.append(str(kind))
         units.append(entry.get("unit"))
@@ -210,8 +219,10 @@ def _transforms(image: dict, dataset: dict, ndim: int, path: Path) -> tuple[list
     outer_scale, outer_shift = _scale_shift(image.get("coordinateTransformations"), ndim)
     if scale is None or outer_scale is None:
         return None, [0.0] * ndim
-    return ([a * b for a, b in zip(scale, outer_scale, strict=True)],
-            [a * b + c for a, b, c in zip(shift, outer_scale, outer_shift, strict=True)])
+    return (
+        [a * b for a, b in zip(scale, outer_scale, strict=True)],
+        [a * b + c for a, b, c in zip(shift, outer_scale, outer_shift, strict=True)],
+    )
 
 
 def _scale_shift(transforms: Any, ndim: int) -> tuple[list[float] | None, list[float]]:
@@ -239,8 +250,9 @@ def _numbers(values: Any, ndim: int) -> list[float] | None:
     return numbers if all(math.isfinite(v) for v in numbers) else None
 
 
-def _physical(scale: list[float] | None, shift: list[float], units: list[Any], lead: int,
-              path: Path) -> tuple[VoxelSize | None, tuple | None]:
+def _physical(
+    scale: list[float] | None, shift: list[float], units: list[Any], lead: int, path: Path
+) -> tuple[VoxelSize | None, tuple | None]:
     """Voxel size (nm, z y x) and origin (Angstrom, x y z) of the space axes, or None with a warning."""
     spatial_units = units[lead:]
     factors = [_unit_to_nm(u) for u in spatial_units]
@@ -284,8 +296,14 @@ def multiscales(name: str, voxel_size_nm: VoxelSize | None, origin_angstrom: tup
         if origin_angstrom is not None and any(origin_angstrom):
             shift = [float(v) / 10.0 for v in origin_angstrom[::-1]]  # Angstrom (x, y, z) -> nm (z, y, x)
             transforms.append({"type": "translation", "translation": shift})
-    return [{"version": _VERSION, "name": name, "axes": axes,
-             "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]
+    return [
+        {
+            "version": _VERSION,
+            "name": name,
+            "axes": axes,
+            "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+        }
+    ]
 
 
 class OmeZarrSink:
@@ -295,8 +313,15 @@ class OmeZarrSink:
     so nothing is reserved up front. SliceWriter renames the folder into place when it is complete.
     """
 
-    def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        vox: VoxelSize | None,
+        origin: tuple | None,
+        what: str,
+    ) -> None:
         if tmp.exists():
             raise VolumeError(f"{tmp}: exists already")
         group = zarr.group(store=zarr.storage.DirectoryStore(str(tmp)))
@@ -304,8 +329,14 @@ class OmeZarrSink:
         group.attrs["multiscales"] = multiscales(name, vox, origin)
         # Every chunk is written, empty ones too: a store of ours that lacks a chunk file is damaged.
         self.array: zarr.Array | None = group.create_dataset(
-            "0", shape=shape, chunks=_chunks(shape), dtype=dtype, compressor=_COMPRESSOR, fill_value=0,
-            dimension_separator="/", write_empty_chunks=True,
+            "0",
+            shape=shape,
+            chunks=_chunks(shape),
+            dtype=dtype,
+            compressor=_COMPRESSOR,
+            fill_value=0,
+            dimension_separator="/",
+            write_empty_chunks=True,
         )
 
     def write(self, z0: int, block: np.ndarray) -> None:
@@ -316,4 +347,3 @@ class OmeZarrSink:
 
     def abort(self) -> None:
         self.array = None  # the folder itself is removed by atomic_output
-

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 from monai.data.image_reader import ImageReader
 from monai.utils import ensure_tuple
-
 from scripts.io.volume import (
     MRC_SUFFIXES,
     NIFTI_SUFFIXES,

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-
 from scripts.io.pages import release_pages
 
 __all__ = ["ArraySink", "Sink"]

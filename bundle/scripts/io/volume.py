@@ -11,18 +11,17 @@ from __future__ import annotations
 import math
 import os
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import mrcfile
 import nibabel as nib
 import numpy as np
 import tifffile
-
 from scripts.io.atomic import PARTIAL_MARKER, atomic_output, full_suffix
 from scripts.io.diskspace import new_memmap, reserve
 from scripts.io.pages import release_pages
@@ -75,8 +74,18 @@ _IMAGEJ_DTYPES = {np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32)}
 _UNIT_NM = {
     **dict.fromkeys(["nm", "nanometer", "nanometers", "nanometre", "nanometres"], 1.0),
     **dict.fromkeys(
-        ["um", "\u00b5m", "\u03bcm", "\\u00b5m", "micron", "microns", "micrometer", "micrometers",
-         "micrometre", "micrometres"],
+        [
+            "um",
+            "\u00b5m",
+            "\u03bcm",
+            "\\u00b5m",
+            "micron",
+            "microns",
+            "micrometer",
+            "micrometers",
+            "micrometre",
+            "micrometres",
+        ],
         1e3,
     ),
     **dict.fromkeys(["mm", "millimeter", "millimeters", "millimetre", "millimetres"], 1e6),
@@ -136,9 +145,7 @@ def _format_of(path: Path) -> str:
         return "nifti"
     if suffix in ZARR_SUFFIXES:
         return "zarr"
-    raise VolumeError(
-        f"{path}: unknown file type {suffix or '(no suffix)'!r}; supported: {', '.join(VOLUME_SUFFIXES)}"
-    )
+    raise VolumeError(f"{path}: unknown file type {suffix or '(no suffix)'!r}; supported: {', '.join(VOLUME_SUFFIXES)}")
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
@@ -306,8 +313,7 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, VoxelSize | None, tuple | None]:
     if mode == 0 and stamp == IMOD_STAMP and not flags & 1:
         data = data.view(np.uint8)  # IMOD convention: mode 0 without the "signed" flag is unsigned
     if axes != (1, 2, 3):
-        warnings.warn(f"{path}: MRC axis order (mapc, mapr, maps) = {axes}; data used as stored",
-                      stacklevel=3)
+        warnings.warn(f"{path}: MRC axis order (mapc, mapr, maps) = {axes}; data used as stored", stacklevel=3)
     vox: VoxelSize | None
     if any(v in (0.0, 1.0) or not math.isfinite(v) for v in vox_a):
         _warn_missing(path, f"header voxel size {vox_a[::-1]} Angstrom (x, y, z) looks unset")
@@ -339,8 +345,9 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, VoxelSize | None, tuple | None]:
         kept_axes = "".join(axes[i] for i in keep)
         kept_shape = tuple(shape[i] for i in keep)
         if len(kept_shape) > 3:
-            raise VolumeError(f"{path}: {len(kept_shape)}D TIFF (axes {kept_axes}, shape {kept_shape}); "
-                              "expected one 3D stack")
+            raise VolumeError(
+                f"{path}: {len(kept_shape)}D TIFF (axes {kept_axes}, shape {kept_shape}); expected one 3D stack"
+            )
         vox = _tiff_voxel_size(tif, page, path, is_2d=len(kept_shape) == 2)
         data = _tiff_memmap(path)
         if data is None:  # compressed or scattered pages: read whole
@@ -389,8 +396,8 @@ def _tiff_voxel_size(tif: tifffile.TiffFile, page: Any, path: Path, is_2d: bool)
 
 def _ome_voxel_size(xml: str, is_2d: bool) -> VoxelSize | None:
     try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
         return None
     pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
     if pixels is None:
@@ -452,8 +459,7 @@ def _target_dtype(fmt: str, dtype: np.dtype, path: Path) -> np.dtype:
             return dtype
         if dtype.kind == "f":
             return np.dtype(np.float32)
-        raise VolumeError(f"{path}: MRC has no mode for {dtype}; use uint8, int8, int16, uint16, "
-                          "float16 or float32")
+        raise VolumeError(f"{path}: MRC has no mode for {dtype}; use uint8, int8, int16, uint16, float16 or float32")
     if fmt == "nifti" and dtype == np.float16:
         return np.dtype(np.float32)  # NIfTI-1 has no float16; float32 holds it exactly
     return dtype
@@ -503,8 +509,9 @@ def _cast_block(block: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
         return block.astype(dtype, copy=False)
     if dtype.kind in "iu":
         if block.dtype.kind not in "iu":
-            raise VolumeError(f"{path}: refusing to write {block.dtype} data into an {dtype} file; "
-                              "threshold or cast it first")
+            raise VolumeError(
+                f"{path}: refusing to write {block.dtype} data into an {dtype} file; threshold or cast it first"
+            )
         info = np.iinfo(dtype)
         if block.size and (block.min() < info.min or block.max() > info.max):
             raise VolumeError(f"{path}: values {block.min()}..{block.max()} do not fit {dtype}")
@@ -514,8 +521,15 @@ def _cast_block(block: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
 class _MrcSink:
     """Sink: an MRC file through mrcfile's memory map; header statistics are set on close."""
 
-    def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        vox: VoxelSize | None,
+        origin: tuple | None,
+        what: str,
+    ) -> None:
         self.mrc = mrcfile.new_mmap(tmp, shape=shape, mrc_mode=_MRC_MODES[dtype], overwrite=True)
         try:
             reserve(tmp, what)  # before the first write through the map (see diskspace.py)
@@ -579,8 +593,15 @@ def _tiff_options(dtype: np.dtype, vox: VoxelSize | None) -> dict[str, Any]:
 class _TiffSink:
     """Sink: an uncompressed TIFF through tifffile's memory map."""
 
-    def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        vox: VoxelSize | None,
+        origin: tuple | None,
+        what: str,
+    ) -> None:
         # An uncompressed, contiguous TIFF written through a memmap: slices may come in any order.
         options = _tiff_options(dtype, vox)
         with warnings.catch_warnings():
@@ -605,8 +626,7 @@ class _TiffSink:
         self.data = None
 
 
-def _nifti_image(data_zyx: np.ndarray, dtype: np.dtype, vox: VoxelSize | None,
-                 origin: tuple | None) -> nib.Nifti1Image:
+def _nifti_image(data_zyx: np.ndarray, dtype: np.dtype, vox: VoxelSize | None, origin: tuple | None) -> nib.Nifti1Image:
     """NIfTI-1 image: array stored (x, y, z), zooms and translation in mm (docs/data.md)."""
     zooms = [v * 1e-6 for v in vox[::-1]] if vox is not None else [1.0, 1.0, 1.0]
     affine = np.diag([*zooms, 1.0])
@@ -624,8 +644,15 @@ def _nifti_image(data_zyx: np.ndarray, dtype: np.dtype, vox: VoxelSize | None,
 class _NiftiSink:
     """Sink: a raw memory-mapped buffer, saved as NIfTI by nibabel on close."""
 
-    def __init__(self, tmp: Path, shape: tuple[int, int, int], dtype: np.dtype,
-                 vox: VoxelSize | None, origin: tuple | None, what: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        vox: VoxelSize | None,
+        origin: tuple | None,
+        what: str,
+    ) -> None:
         self.tmp, self.dtype, self.vox, self.origin = tmp, dtype, vox, origin
         self.buffer_path = tmp.with_name(tmp.name + ".buffer")  # hidden and marked partial too
         self.data: np.memmap | None = new_memmap(self.buffer_path, dtype, shape, what)
@@ -652,8 +679,7 @@ def _zarr_sink(*args: Any) -> Sink:
 
 
 # The format sinks behind SliceWriter (each a scripts.io.sinks.Sink writing a temporary file or folder).
-_SINKS: dict[str, Callable[..., Sink]] = {"mrc": _MrcSink, "tiff": _TiffSink, "nifti": _NiftiSink,
-                                          "zarr": _zarr_sink}
+_SINKS: dict[str, Callable[..., Sink]] = {"mrc": _MrcSink, "tiff": _TiffSink, "nifti": _NiftiSink, "zarr": _zarr_sink}
 
 
 class SliceWriter:
@@ -668,8 +694,14 @@ class SliceWriter:
     for callers that do not use ``with``).
     """
 
-    def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype: Any,
-                 voxel_size_nm: float | Sequence[float] | None = None, like: Volume | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: Sequence[int],
+        dtype: Any,
+        voxel_size_nm: float | Sequence[float] | None = None,
+        like: Volume | None = None,
+    ) -> None:
         self.path = Path(path)
         self.fmt = _format_of(self.path)
         self.shape = tuple(int(n) for n in shape)
@@ -689,8 +721,9 @@ class SliceWriter:
         tmp = self._atomic.__enter__()
         try:
             sink_type = _SINKS[self.fmt]
-            self._sink = sink_type(tmp, self.shape, self.dtype, self.voxel_size_nm, self.origin_angstrom,
-                                   self.path.name)
+            self._sink = sink_type(
+                tmp, self.shape, self.dtype, self.voxel_size_nm, self.origin_angstrom, self.path.name
+            )
         except BaseException as err:
             self._atomic.__exit__(type(err), err, err.__traceback__)
             raise
@@ -705,8 +738,9 @@ class SliceWriter:
             block = block[np.newaxis]
         n = block.shape[0]
         if block.ndim != 3 or block.shape[1:] != self.shape[1:] or not 0 <= z_start <= self.shape[0] - n:
-            raise VolumeError(f"{self.path}: block of shape {block.shape} at z={z_start} does not fit "
-                              f"volume shape {self.shape}")
+            raise VolumeError(
+                f"{self.path}: block of shape {block.shape} at z={z_start} does not fit volume shape {self.shape}"
+            )
         self._sink.write(z_start, _cast_block(block, self.dtype, self.path))
         self._written[z_start : z_start + n] = True
 
@@ -780,8 +814,9 @@ def write_volume(
     elif compression is not None:  # compressed TIFF cannot be memory-mapped: stream the pages
         pages = (_cast_block(np.asarray(data[z]), dtype, path) for z in range(data.shape[0]))
         with atomic_output(path) as tmp:
-            tifffile.imwrite(tmp, data=pages, shape=data.shape, dtype=dtype, compression=compression,
-                             **_tiff_options(dtype, vox))
+            tifffile.imwrite(
+                tmp, data=pages, shape=data.shape, dtype=dtype, compression=compression, **_tiff_options(dtype, vox)
+            )
     else:
         with SliceWriter(path, data.shape, dtype, vox, like=like) as writer:
             for start, stop in iter_slabs(data.shape[0], data[0].nbytes):

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.io.atomic import atomic_output
 from scripts.io.volume import VolumeError, open_volume
 from scripts.network import double_decoder
@@ -74,8 +73,10 @@ def _sample_slice(sample: str | os.PathLike, min_size: int) -> tuple[np.ndarray,
     image = np.asarray(volume.data[volume.shape[0] // 2], dtype=np.float32)
     size = min(TEST_SIZE, image.shape[0] // GRID * GRID, image.shape[1] // GRID * GRID)
     if size < min_size:
-        raise VolumeError(f"{sample}: its slices ({image.shape[0]} x {image.shape[1]}) are smaller than the "
-                          f"model's minimum input of {min_size} x {min_size} pixels")
+        raise VolumeError(
+            f"{sample}: its slices ({image.shape[0]} x {image.shape[1]}) are smaller than the "
+            f"model's minimum input of {min_size} x {min_size} pixels"
+        )
     return _centre_crop(image, size), f"the middle slice of {Path(sample).name} ({size} x {size}, centre)"
 
 
@@ -83,8 +84,10 @@ def _simulated_slice(voxel_size_nm: float) -> tuple[np.ndarray, str]:
     try:  # the simulator is installed beside the bundle, not part of it: imported only here
         from cryosxt_sim.simulate import get_instrument, simulate_tomogram
     except ImportError as err:
-        raise ValueError("the simulator (cryosxt_sim) is not installed: pass --sample TOMOGRAM to take the "
-                         "test slice from a tomogram of yours") from err
+        raise ValueError(
+            "the simulator (cryosxt_sim) is not installed: pass --sample TOMOGRAM to take the "
+            "test slice from a tomogram of yours"
+        ) from err
     instrument = get_instrument("bessy", voxel_size_nm=voxel_size_nm)
     tomogram = simulate_tomogram((16, TEST_SIZE, TEST_SIZE), instrument, seed=0)
     what = (f"the middle slice of a simulated tomogram (cryosxt_sim, instrument 'bessy' at "
@@ -127,8 +130,7 @@ def _axes(voxel_size_nm: float, min_size: int, halo: int, output: bool) -> list:
         axis_id = spec.AxisId(name)
         if output:
             size = spec.SizeReference(tensor_id=spec.TensorId(_INPUT), axis_id=axis_id)
-            axes.append(spec.SpaceOutputAxisWithHalo(id=axis_id, size=size, halo=halo, unit=unit,
-                                                     scale=scale))
+            axes.append(spec.SpaceOutputAxisWithHalo(id=axis_id, size=size, halo=halo, unit=unit, scale=scale))
         else:
             size = spec.ParameterizedSize(min=min_size, step=GRID)
             axes.append(spec.SpaceInputAxis(id=axis_id, size=size, unit=unit, scale=scale))
@@ -206,12 +208,16 @@ def _voxel_size(info: WeightsInfo, given: float | None) -> float:
         if isinstance(given, bool) or not isinstance(given, (int, float)) or not 0 < given < 1e6:
             raise ValueError(f"voxel_size_nm must be a positive number of nanometres, got {given!r}")
         if info.voxel_size_nm is not None and abs(given - info.voxel_size_nm) > 1e-6 * info.voxel_size_nm:
-            raise WeightsError(f"{info.path}: trained at {info.voxel_size_nm:g} nm (its sidecar), but "
-                               f"--voxel_size_nm {given:g} was given; drop the option")
+            raise WeightsError(
+                f"{info.path}: trained at {info.voxel_size_nm:g} nm (its sidecar), but "
+                f"--voxel_size_nm {given:g} was given; drop the option"
+            )
         return float(given)
     if info.voxel_size_nm is None:
-        raise WeightsError(f"{info.path}: pixel size unknown (no sidecar {info.path.name}.json, or one that "
-                           "describes other weights); give the size it was trained at: --voxel_size_nm N")
+        raise WeightsError(
+            f"{info.path}: pixel size unknown (no sidecar {info.path.name}.json, or one that "
+            "describes other weights); give the size it was trained at: --voxel_size_nm N"
+        )
     return info.voxel_size_nm
 
 
@@ -236,8 +242,9 @@ def export_bioimageio(
     try:  # an optional extra: the bundle runs without it
         import bioimageio.spec as bioimageio_spec
     except ImportError as err:
-        raise RuntimeError("bioimageio.spec is not installed: pip install -e '.[bioimageio]' (from the "
-                           "repository root)") from err
+        raise RuntimeError(
+            "bioimageio.spec is not installed: pip install -e '.[bioimageio]' (from the repository root)"
+        ) from err
     if isinstance(halo, bool) or not isinstance(halo, int) or halo < 1:
         raise ValueError(f"halo must be a positive whole number of pixels, got {halo!r}")
     output = Path(output)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 from scripts.io.atomic import atomic_output
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.weights import load_weights, weights_info

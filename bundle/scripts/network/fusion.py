@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from scripts.network.buffers import BufferBudget, OutputBuffer, TensorPool, give_back
 from scripts.network.double_decoder import (
     Bottleneck,
@@ -35,6 +33,7 @@ from scripts.network.double_decoder import (
     ResidualBlock,
     pad_to_grid,
 )
+from torch import nn
 
 __all__ = ["FusedDoubleDecoderNet", "fuse_for_inference"]
 
@@ -380,9 +379,7 @@ class FusedUp(nn.Module):
         padding = [weight.shape[2] - 1, weight.shape[3] - 1]
         if _use_onednn(x):
             ones = [1, 1]
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x, weight, self.bias, padding, ones, ones, 1, "none", [], ""
-            )
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, padding, ones, ones, 1, "none", [], "")
         else:
             y = F.conv2d(x, weight, self.bias, padding=padding)
         return y[..., : x.shape[2], : x.shape[3]]

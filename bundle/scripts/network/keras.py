@@ -17,9 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch import nn
-
 from scripts.network.double_decoder import DoubleDecoderNet
+from torch import nn
 
 __all__ = ["KerasWeightsError", "keras_weight_names", "load_keras_weights"]
 

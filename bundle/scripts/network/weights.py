@@ -22,7 +22,6 @@ from pathlib import Path
 
 import h5py
 import torch
-
 from scripts.io.atomic import atomic_output
 from scripts.io.weights_metadata import (
     PUBLISHED_RECIPE,
@@ -185,8 +184,10 @@ def training_width(width: int | str | None, init_weights: str | os.PathLike | No
         return DEFAULT_WIDTH if wanted is None else int(wanted)
     found = weights_info(init_weights).width
     if wanted is not None and int(wanted) != found:
-        raise WeightsError(f"init_weights {init_weights} is a width-{found} network but width {wanted} was "
-                           f"asked for; drop --width (it comes from the weights) or pick other weights")
+        raise WeightsError(
+            f"init_weights {init_weights} is a width-{found} network but width {wanted} was "
+            f"asked for; drop --width (it comes from the weights) or pick other weights"
+        )
     return found
 
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
-from skimage.measure import find_contours, regionprops
-
 from scripts.io.atomic import atomic_output
 from scripts.io.volume import iter_slabs
 from scripts.surfaces.meshes import volume_area
+from skimage.measure import find_contours, regionprops
 
 __all__ = [
     "COLUMNS",
@@ -93,6 +92,7 @@ PAPER_TABLE = {
     "3D major axis (nm)": "axis_major_nm",
     "2D second axis (nm)": "xs_minor_mean_nm",
 }
+
 
 def moments(mask: np.ndarray, spacing: Sequence[float], origin: Sequence[int] = (0, 0, 0)) -> dict:
     """Voxel count, centroid and equivalent-ellipsoid axes of a boolean 3D mask, in nm.
@@ -264,9 +264,7 @@ def measure_object(
     degenerate = bool(raw.get("degenerate", False))
     has_mesh = mesh is not None and len(mesh.faces) > 0
     measured = has_mesh and not degenerate
-    mesh_volume, area = (
-        volume_area(np.asarray(mesh.vertices), np.asarray(mesh.faces)) if measured else (math.nan,) * 2
-    )
+    mesh_volume, area = volume_area(np.asarray(mesh.vertices), np.asarray(mesh.faces)) if measured else (math.nan,) * 2
     sv = area / mesh_volume * 1000.0 if measured and mesh_volume > 0 else math.nan  # 1/nm -> 1/um
     row = {
         "id": int(obj.label),

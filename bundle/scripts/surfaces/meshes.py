@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import trimesh
 from scipy import sparse
-from skimage.measure import marching_cubes
-
 from scripts.io.atomic import atomic_output
+from skimage.measure import marching_cubes
 
 __all__ = [
     "MESH_FORMATS",
@@ -145,9 +144,7 @@ def taubin(
     return v
 
 
-def restore_volume(
-    vertices: np.ndarray, faces: np.ndarray, target_volume: float, steps: int = 8
-) -> np.ndarray:
+def restore_volume(vertices: np.ndarray, faces: np.ndarray, target_volume: float, steps: int = 8) -> np.ndarray:
     """Move every vertex along its normal by the same distance so the enclosed volume is the target.
 
     A uniform normal offset ``d`` changes the volume by ``area * d`` to first order; a few Newton
@@ -165,9 +162,7 @@ def restore_volume(
     return v
 
 
-def smooth_mesh(
-    mesh: trimesh.Trimesh, iterations: int, target_volume: float | None = None
-) -> trimesh.Trimesh:
+def smooth_mesh(mesh: trimesh.Trimesh, iterations: int, target_volume: float | None = None) -> trimesh.Trimesh:
     """Taubin lambda|mu smoothing (``iterations`` pairs), then optional volume restoration.
 
     Marching cubes on a voxelised object follows the voxel staircase, which inflates the surface

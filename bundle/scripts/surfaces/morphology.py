@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.io.volume import iter_slabs
 
 __all__ = [

@@ -43,9 +43,15 @@ class ObjectOptions:
 
     def __post_init__(self) -> None:
         closing = self.z_closing if self.z_closing not in (None, False) else "none"
-        _set(self, z_closing=as_choice(closing, "z_closing", Z_CLOSING_MODES), z_radius=int(self.z_radius),
-             connectivity=int(self.connectivity), threshold=float(self.threshold),
-             min_voxels=int(self.min_voxels), border_margin=int(self.border_margin))
+        _set(
+            self,
+            z_closing=as_choice(closing, "z_closing", Z_CLOSING_MODES),
+            z_radius=int(self.z_radius),
+            connectivity=int(self.connectivity),
+            threshold=float(self.threshold),
+            min_voxels=int(self.min_voxels),
+            border_margin=int(self.border_margin),
+        )
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,13 @@ class MeshOptions:
     per_object_meshes: bool = True
 
     def __post_init__(self) -> None:
-        _set(self, smoothing_iterations=int(self.smoothing_iterations),
-             preserve_volume=as_bool(self.preserve_volume, "preserve_volume"),
-             formats=tuple(as_names(self.formats, "mesh format", MESH_FORMATS)),
-             per_object_meshes=as_bool(self.per_object_meshes, "per_object_meshes"))
+        _set(
+            self,
+            smoothing_iterations=int(self.smoothing_iterations),
+            preserve_volume=as_bool(self.preserve_volume, "preserve_volume"),
+            formats=tuple(as_names(self.formats, "mesh format", MESH_FORMATS)),
+            per_object_meshes=as_bool(self.per_object_meshes, "per_object_meshes"),
+        )
 
 
 @dataclass(frozen=True)
@@ -88,9 +97,13 @@ class PictureOptions:
     render_max_faces: int = 60000
 
     def __post_init__(self) -> None:
-        _set(self, montage_slices=int(self.montage_slices), montage_columns=int(self.montage_columns),
-             render_3d=as_bool(self.render_3d, "pictures#render_3d"),
-             render_max_faces=int(self.render_max_faces))
+        _set(
+            self,
+            montage_slices=int(self.montage_slices),
+            montage_columns=int(self.montage_columns),
+            render_3d=as_bool(self.render_3d, "pictures#render_3d"),
+            render_max_faces=int(self.render_max_faces),
+        )
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,12 @@ class SurfaceOptions:
         pictures = self.pictures
         if isinstance(pictures, Mapping) or as_optional(pictures) is None:
             pictures = PictureOptions(**dict(pictures or {}))
-        _set(self, pictures=pictures, voxel_size_nm=as_voxel_size(self.voxel_size_nm),
-             save_labels=as_bool(self.save_labels, "save_labels"))
+        _set(
+            self,
+            pictures=pictures,
+            voxel_size_nm=as_voxel_size(self.voxel_size_nm),
+            save_labels=as_bool(self.save_labels, "save_labels"),
+        )
 
     @classmethod
     def from_settings(cls, **settings: Any) -> SurfaceOptions:

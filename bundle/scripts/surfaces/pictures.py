@@ -20,9 +20,8 @@ from matplotlib.figure import Figure
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 from scipy import ndimage
-from skimage.segmentation import find_boundaries
-
 from scripts.io.atomic import atomic_output
+from skimage.segmentation import find_boundaries
 
 __all__ = ["BORDER_COLOR", "decimate", "montage", "object_colors", "render_surfaces"]
 
@@ -198,9 +197,7 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, cell: float) -> tuple[np.n
     keys = np.floor(vertices / cell).astype(np.int64)
     _, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    new_v = np.stack(
-        [np.bincount(inverse, weights=vertices[:, d], minlength=len(counts)) for d in range(3)], 1
-    )
+    new_v = np.stack([np.bincount(inverse, weights=vertices[:, d], minlength=len(counts)) for d in range(3)], 1)
     new_v /= counts[:, None]
     f = inverse[faces]
     f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])]

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
-
 from scripts.io.atomic import output_folder
 from scripts.io.volume import (
     MRC_SUFFIXES,
@@ -36,6 +34,7 @@ from scripts.io.volume import (
 from scripts.options import as_optional
 from scripts.surfaces import measure, meshes, morphology, pictures
 from scripts.surfaces.options import SurfaceOptions
+from tqdm import tqdm
 
 __all__ = ["SurfaceOptions", "match_image", "process_volume", "run"]
 
@@ -101,9 +100,7 @@ def process_volume(
     objects, mesh_options, popts = options.objects, options.meshes, options.pictures
     vol = open_volume(path, options.voxel_size_nm)
     if vol.voxel_size_nm is None:
-        raise VolumeError(
-            f"{path}: the header has no voxel size; pass --voxel_size_nm (nm, one number or [z, y, x])"
-        )
+        raise VolumeError(f"{path}: the header has no voxel size; pass --voxel_size_nm (nm, one number or [z, y, x])")
     spacing = tuple(float(s) for s in vol.voxel_size_nm)
     logger.info("%s: shape %s, voxel size (z, y, x) %s nm", path.name, vol.shape, spacing)
     objs = morphology.prepare_objects(vol.data, name=str(path), **dataclasses.asdict(objects))
@@ -206,7 +203,7 @@ def process_volume(
 
 
 def _volume_row(summary: dict, status: str = "ok") -> dict:
-    row = {c: None for c in _VOLUME_COLUMNS}
+    row = dict.fromkeys(_VOLUME_COLUMNS)
     row["file"] = summary.get("file")
     row["status"] = status
     vox = summary.get("voxel_size_nm_zyx") or [None] * 3

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-
 from scripts.io.atomic import atomic_output
 from scripts.io.volume import VolumeError, find_volumes, open_volume
 from scripts.options import as_bool
@@ -52,26 +51,34 @@ def _given(value: Any) -> bool:
     return value not in (None, "", "null", "None")
 
 
-def source_dataset(output_dir: str | os.PathLike, count: int = SOURCE_COUNT, shape: str = SOURCE_SHAPE,
-                   seed: int = SOURCE_SEED) -> str:
+def source_dataset(
+    output_dir: str | os.PathLike, count: int = SOURCE_COUNT, shape: str = SOURCE_SHAPE, seed: int = SOURCE_SEED
+) -> str:
     """The default labeled source folder (adapt.json's ``dataset_dir`` unless the user gives one):
     ``count`` simulated tomograms (``random`` instrument and cell) in ``output_dir/source_data``,
     made once and reused."""
     folder = Path(output_dir) / SOURCE_FOLDER
-    recipe = {"count": int(count), "shape": str(shape), "seed": int(seed), "instrument": "random",
-              "cell": "random", "annotated": list(SOURCE_SLICES)}
+    recipe = {
+        "count": int(count),
+        "shape": str(shape),
+        "seed": int(seed),
+        "instrument": "random",
+        "cell": "random",
+        "annotated": list(SOURCE_SLICES),
+    }
     marker = folder / "source.json"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return str(folder)
     try:
         from cryosxt_sim.simulate import main as simulate
     except ImportError as err:
-        raise ValueError("adapting without --dataset_dir simulates its labeled source data and needs the "
-                         "simulator (pip install -e . from the repository); or pass --dataset_dir with "
-                         "labeled tomograms") from err
+        raise ValueError(
+            "adapting without --dataset_dir simulates its labeled source data and needs the "
+            "simulator (pip install -e . from the repository); or pass --dataset_dir with "
+            "labeled tomograms"
+        ) from err
     logger.info("simulating %d labeled source tomograms (%s, seed %d) in %s", count, shape, seed, folder)
-    names = simulate(out=str(folder), count=int(count), shape=shape, seed=int(seed), instrument="random",
-                     cell="random")
+    names = simulate(out=str(folder), count=int(count), shape=shape, seed=int(seed), instrument="random", cell="random")
     depth = int(str(shape).split(",")[0])
     first, last = int(SOURCE_SLICES[0] * depth), int(SOURCE_SLICES[1] * depth) - 1
     for name in names:  # the top and bottom of a cell, weak under the missing wedge, stay unannotated
@@ -83,8 +90,11 @@ def source_dataset(output_dir: str | os.PathLike, count: int = SOURCE_COUNT, sha
 
 
 def adaptation_data(
-    dataset_dir: str | os.PathLike, unlabeled_dir: str | os.PathLike | None, val_fraction: float = 0.25,
-    seed: int = 0, semi_supervised: bool | str = True,
+    dataset_dir: str | os.PathLike,
+    unlabeled_dir: str | os.PathLike | None,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    semi_supervised: bool | str = True,
 ) -> dict[str, Any]:
     """``prepare_data`` of the labeled source folder, with the unlabeled slices of ``unlabeled_dir``
     (every volume in it: the new microscope's tomograms) instead of the source's own. With
@@ -96,8 +106,7 @@ def adaptation_data(
     data = prepare_data(dataset_dir, val_fraction, seed, semi_supervised=False)
     semi = as_bool(semi_supervised, "semi_supervised")
     data["unlabeled"] = slice_items_unlabeled(volumes) if semi else []
-    logger.info("adapting to %d tomograms (%d slices) in %s", len(volumes), len(data["unlabeled"]),
-                unlabeled_dir)
+    logger.info("adapting to %d tomograms (%d slices) in %s", len(volumes), len(data["unlabeled"]), unlabeled_dir)
     return data
 
 
@@ -124,8 +133,9 @@ def _dice(network: torch.nn.Module, items: Sequence[Mapping[str, Any]], device: 
         target, mask = label_to_target(np.asarray(volumes.get(label_path).data[z]), label_path, z)
         out = network(torch.from_numpy(image)[None, None].to(device))
         label = out[0] if isinstance(out, tuple) else out
-        counts += label_counts(label.cpu(), torch.from_numpy(target)[None, None],
-                               torch.from_numpy(mask)[None, None], threshold=0.0)
+        counts += label_counts(
+            label.cpu(), torch.from_numpy(target)[None, None], torch.from_numpy(mask)[None, None], threshold=0.0
+        )
     return label_scores(counts)["dice"]
 
 
@@ -144,9 +154,15 @@ class AdaptationReport:
         slices: slices per tomogram for the reconstruction error.
     """
 
-    def __init__(self, network: torch.nn.Module, output_dir: str | os.PathLike,
-                 unlabeled_dir: str | os.PathLike, metadata: WeightsMetadataWriter,
-                 check_dir: str | os.PathLike | None = None, slices: int = 8) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        output_dir: str | os.PathLike,
+        unlabeled_dir: str | os.PathLike,
+        metadata: WeightsMetadataWriter,
+        check_dir: str | os.PathLike | None = None,
+        slices: int = 8,
+    ) -> None:
         self.network = network
         self.output_dir = Path(output_dir)
         self.volumes = find_volumes(unlabeled_dir)
@@ -186,9 +202,11 @@ class AdaptationReport:
         if self.before is None:
             self.before = self._measure()
             self._write({"before": self.before, "after": None})
-        logger.info("before adaptation: median reconstruction error %.4f%s",
-                    self.before["median_reconstruction_error"],
-                    f", Dice {self.before['dice']:.3f}" if self.before["dice"] is not None else "")
+        logger.info(
+            "before adaptation: median reconstruction error %.4f%s",
+            self.before["median_reconstruction_error"],
+            f", Dice {self.before['dice']:.3f}" if self.before["dice"] is not None else "",
+        )
 
     def completed(self, engine: Engine) -> None:
         weights = self.output_dir / ADAPTED
@@ -196,8 +214,9 @@ class AdaptationReport:
             torch.save(self.network.state_dict(), tmp)
         self.metadata()  # its filenames: (adapted.pt,)
         after = self._measure()
-        self._write({"before": self.before, "after": after, "adapted_weights": str(weights),
-                     "epochs": engine.state.epoch})
+        self._write(
+            {"before": self.before, "after": after, "adapted_weights": str(weights), "epochs": engine.state.epoch}
+        )
         b, a = self.before["median_reconstruction_error"], after["median_reconstruction_error"]
         line = f"adapted weights {weights}: median reconstruction error {b:.4f} -> {a:.4f}"
         if after["dice"] is not None:
@@ -205,7 +224,12 @@ class AdaptationReport:
         logger.info(line)
 
     def _write(self, content: dict[str, Any]) -> None:
-        report = {"unlabeled_dir": self.unlabeled_dir, "tomograms": [p.name for p in self.volumes],
-                  "check_dir": self.check_dir, "slices_per_tomogram": self.slices, **content}
+        report = {
+            "unlabeled_dir": self.unlabeled_dir,
+            "tomograms": [p.name for p in self.volumes],
+            "check_dir": self.check_dir,
+            "slices_per_tomogram": self.slices,
+            **content,
+        }
         with atomic_output(self.output_dir / REPORT) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-
 from scripts.io.atomic import atomic_output
 
 __all__ = ["RECIPES", "RECIPE_FILE", "RecipeRecord", "check_recipe"]

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-
 from scripts.io.labels import scan_labels
 from scripts.io.volume import (
     VolumeError,

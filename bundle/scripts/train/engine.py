@@ -262,9 +262,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         phase = batchdata.pop(PHASE_KEY, LABELED)
-        inputs, targets = engine.prepare_batch(
-            batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
-        )
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         if phase == LABELED and targets is None:
             raise ValueError("a labeled batch without 'label'")
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, PHASE_KEY: phase}

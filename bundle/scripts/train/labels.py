@@ -10,15 +10,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from scripts.io.labels import IGNORE_VALUE, MEMBRANE, canonical_labels
 
 __all__ = ["label_to_target"]
 
 
-def label_to_target(
-    raw: np.ndarray, path: str | os.PathLike = "label", z: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def label_to_target(raw: np.ndarray, path: str | os.PathLike = "label", z: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(target, mask) for label slice ``z`` of ``path``: membrane 1 -> +1, background 0 -> -1, not
     annotated 255 -> target -1 with mask 0. Both float32, same shape. Other values raise a LabelError
     (``scripts.io.labels``) naming the file and the slice."""

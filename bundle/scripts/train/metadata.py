@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-from torch import nn
-
 from scripts.io.volume import VolumeError, open_volume
 from scripts.io.weights_metadata import (
     MetadataError,
@@ -35,6 +33,7 @@ from scripts.io.weights_metadata import (
     write_metadata,
 )
 from scripts.reconstruction import EDGE_FRACTION, MIN_SIDE, reconstruction_error
+from torch import nn
 
 __all__ = ["WeightsMetadataWriter", "median_voxel_size"]
 
@@ -124,16 +123,25 @@ class WeightsMetadataWriter:
             unlabeled = {str(item["image"]) for item in self.data.get("unlabeled", [])}
             voxel = median_voxel_size(labeled)
             dataset = self.dataset_dir.resolve().name
-            trained_on = (f"{len(set(map(str, labeled)))} labeled and {len(unlabeled)} unlabeled tomograms "
-                          f"in {dataset!r}, median voxel {voxel} nm")
+            trained_on = (
+                f"{len(set(map(str, labeled)))} labeled and {len(unlabeled)} unlabeled tomograms "
+                f"in {dataset!r}, median voxel {voxel} nm"
+            )
             if self.init_weights:
                 trained_on += f", starting from {self.init_weights}"
             adapted_to = None
             if self.adapted_to:
                 adapted_to = f"{len(unlabeled)} unlabeled tomograms in {self.adapted_to}"
                 trained_on = f"adapted to {adapted_to}; labeled source: {trained_on}"
-            self._metadata = WeightsMetadata(self.width, voxel, self.recipe, trained_on, dataset,
-                                             init_weights=self.init_weights, adapted_to=adapted_to)
+            self._metadata = WeightsMetadata(
+                self.width,
+                voxel,
+                self.recipe,
+                trained_on,
+                dataset,
+                init_weights=self.init_weights,
+                adapted_to=adapted_to,
+            )
         return self._metadata
 
     def ood_sample(self) -> list[tuple[str, int]]:

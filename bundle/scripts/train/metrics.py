@@ -29,7 +29,6 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.utils import CommonKeys as Keys
-
 from scripts.io.atomic import atomic_output
 
 __all__ = [
@@ -59,9 +58,7 @@ def label_counts(
     negative = (target <= 0) & valid
     above, below = pred > threshold, pred < -threshold
     dice_pred = (pred > 0) & valid
-    counts = [
-        valid, positive, positive & above, negative & above, negative & below, dice_pred & positive, dice_pred
-    ]
+    counts = [valid, positive, positive & above, negative & above, negative & below, dice_pred & positive, dice_pred]
     return torch.stack([c.sum() for c in counts]).to(device="cpu", dtype=torch.float64)
 
 

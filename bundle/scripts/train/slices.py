@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-
 from scripts.io.volume import Volume, as_float_slice, open_volume
 from scripts.train.labels import label_to_target
 

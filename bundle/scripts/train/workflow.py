@@ -23,7 +23,6 @@ from monai.handlers import (
     LrScheduleHandler,
     ValidationHandler,
 )
-
 from scripts.io.atomic import atomic_output
 from scripts.options import as_bool
 from scripts.train.dataset import list_training_data, slice_items, slice_items_unlabeled, split_by_file
@@ -74,8 +73,12 @@ def prepare_data(
         train, val = split_by_file(items, val_fraction, seed)  # the same rule, applied to slices
         split = "slice"
         if val:
-            logger.warning("only one labeled tomogram: validation uses %d of its %d annotated slices "
-                           "(split by slices, not by file)", len(val), len(items))
+            logger.warning(
+                "only one labeled tomogram: validation uses %d of its %d annotated slices "
+                "(split by slices, not by file)",
+                len(val),
+                len(items),
+            )
     semi_supervised = as_bool(semi_supervised, "semi_supervised")
     unlabeled_items = slice_items_unlabeled(unlabeled) if semi_supervised else []
     if semi_supervised and not unlabeled_items:
@@ -83,7 +86,11 @@ def prepare_data(
     if _rank() == 0:
         logger.info(
             "data: %d labeled tomograms (%d train / %d validation slices, split by %s), %d unlabeled slices",
-            len(labeled), len(train), len(val), split, len(unlabeled_items),
+            len(labeled),
+            len(train),
+            len(val),
+            split,
+            len(unlabeled_items),
         )
     return {"train": train, "val": val, "unlabeled": unlabeled_items, "split": split}
 
@@ -227,8 +234,14 @@ class ResumeFromCheckpoint:
     ``max_epochs`` stays the configured one, so a resumed run can train for longer.
     """
 
-    def __init__(self, enabled: bool | str, checkpoint_dir: str | os.PathLike, load_dict: Mapping[str, Any],
-                 filename: str = LAST_CHECKPOINT, map_location: Any = None) -> None:
+    def __init__(
+        self,
+        enabled: bool | str,
+        checkpoint_dir: str | os.PathLike,
+        load_dict: Mapping[str, Any],
+        filename: str = LAST_CHECKPOINT,
+        map_location: Any = None,
+    ) -> None:
         self.enabled = as_bool(enabled, "resume")
         self.path = Path(checkpoint_dir) / filename
         self.load_dict = dict(load_dict)
@@ -293,8 +306,9 @@ class MetricsHistory:
     """Trainer handler: one JSON line per epoch in ``output_dir/history.jsonl`` with the training
     losses and, on validation epochs, the evaluator's metrics. Attach after ValidationHandler."""
 
-    def __init__(self, output_dir: str | os.PathLike, evaluator: Engine | None = None,
-                 filename: str = "history.jsonl") -> None:
+    def __init__(
+        self, output_dir: str | os.PathLike, evaluator: Engine | None = None, filename: str = "history.jsonl"
+    ) -> None:
         self.path = Path(output_dir) / filename
         self.evaluator = evaluator
         self._start = time.monotonic()
@@ -339,14 +353,16 @@ class TrainProgressBar(ProgressBar):
 # Handlers every DDP rank needs: validation and early stopping run everywhere (the metrics are
 # all-reduced, so all ranks stop together), every rank loads the resume checkpoint.
 ALL_RANK_HANDLERS = (
-    ValidationHandler, EarlyStopHandler, EarlyStopOnValidation, CheckpointLoader, ResumeFromCheckpoint,
+    ValidationHandler,
+    EarlyStopHandler,
+    EarlyStopOnValidation,
+    CheckpointLoader,
+    ResumeFromCheckpoint,
     LrScheduleHandler,
 )
 
 
-def handlers_for_rank(
-    handlers: Sequence[Any] | None, all_ranks: Sequence[type] = ALL_RANK_HANDLERS
-) -> list[Any]:
+def handlers_for_rank(handlers: Sequence[Any] | None, all_ranks: Sequence[type] = ALL_RANK_HANDLERS) -> list[Any]:
     """The handlers this DDP rank attaches: all on rank 0; only ``all_ranks`` types elsewhere
     (logging, TensorBoard, checkpoint saving and the progress bar stay on rank 0)."""
     if not handlers:
