@@ -120,3 +120,20 @@ def test_readme_has_the_zoo_sections_and_stands_on_its_own():
     assert outside == [], f"links to files outside the bundle: {outside}"
     assert [t for t in local if not (README.parent / t).exists()] == []
     assert "MONAI Label" in text and "monailabel/" in text
+
+
+def test_metadata_passes_monais_own_schema_check(tmp_path):
+    """The zoo's `verify_metadata` gate, offline: MONAI skips the download when the schema file exists."""
+    import shutil
+
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"
+    shutil.copy(REPO / "tests" / "data" / "meta_schema_20240725.json", schema)
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert metadata["schema"].endswith("/meta_schema_20240725.json")
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))  # raises if invalid
+    broken = {k: v for k, v in metadata.items() if k != "network_data_format"}
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
