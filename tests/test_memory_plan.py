@@ -63,15 +63,18 @@ class _Counting(nn.Module):
         return self.net(x)
 
 
-def _budget_gb(predictor: SlicePredictor, live_bytes: int) -> float:
-    return (RUNTIME_BYTES + predictor._weights_bytes() + live_bytes) / GIB
+def _budget_gb(predictor: SlicePredictor, window: tuple[int, int], share: float = 1.0) -> float:
+    """A budget with room for ``share`` of one window's activations, as this process counts them
+    (the C heap's fragmentation included once freed memory is kept: it is process-wide)."""
+    live = estimate_live_bytes(4, window, heap=predictor.heap_kept)
+    return (RUNTIME_BYTES + predictor._weights_bytes() + int(live * share)) / GIB
 
 
 def test_predictor_runs_the_tiles_it_planned_and_they_agree_with_the_whole_slice(caplog):
     slices = np.random.default_rng(0).normal(size=(1, 160, 192)).astype(np.float32)
     whole = SlicePredictor(_Counting(), fuse=False).predict(slices).label
     predictor = SlicePredictor(_Counting(), fuse=False)
-    predictor.memory_budget_gb = _budget_gb(predictor, estimate_live_bytes(4, (160, 192)) // 2)
+    predictor.memory_budget_gb = _budget_gb(predictor, (160, 192), share=0.5)
     with caplog.at_level(logging.INFO, logger="scripts.infer.predict"):
         tiled = predictor.predict(slices).label
     plan = predictor.memory_plan((160, 192))
@@ -86,7 +89,7 @@ def test_predictor_runs_the_tiles_it_planned_and_they_agree_with_the_whole_slice
 def test_out_of_memory_retries_with_smaller_windows(caplog):
     slices = np.random.default_rng(1).normal(size=(1, 128, 128)).astype(np.float32)
     predictor = SlicePredictor(_Counting(fail_above=100 * 100), fuse=False)
-    predictor.memory_budget_gb = _budget_gb(predictor, estimate_live_bytes(4, (128, 128)))
+    predictor.memory_budget_gb = _budget_gb(predictor, (128, 128))
     with caplog.at_level(logging.WARNING, logger="scripts.infer.predict"):
         label = predictor.predict(slices).label
     assert label.shape == (1, 128, 128)
