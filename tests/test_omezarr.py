@@ -212,6 +212,19 @@ def test_a_slice_reads_only_the_chunks_it_touches(tmp_path, chunks):
         volume.data[19]
 
 
+def test_a_truncated_chunk_of_incompressible_data_is_refused(tmp_path):
+    # Blosc keeps incompressible bytes as a plain copy, which numcodecs decoded from past the end of
+    # a truncated chunk without an error (random uint8 read back as other numbers).
+    data = np.random.default_rng(0).integers(0, 255, size=(4, 64, 64)).astype(np.uint8)
+    path = write_volume(tmp_path / "r.ome.zarr", data, VOX)
+    chunk = path / "0" / "2" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[: len(chunk.read_bytes()) // 2])
+    volume = open_volume(path)
+    np.testing.assert_array_equal(volume.data[1], data[1])  # the intact chunks still read
+    with pytest.raises(VolumeError, match=r"r\.ome\.zarr: cannot read slice z=2 .*Blosc header says"):
+        volume.data[2]
+
+
 # ----------------------------------------------------------------------------- bad stores
 
 

@@ -13,6 +13,7 @@ is never loaded whole; a chunk that cannot be decoded raises a VolumeError namin
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -32,6 +33,49 @@ _SPATIAL_NAMES = ("z", "y", "x")
 # Blosc's own header is its per-chunk overhead (16 bytes), counted in the disk-space estimate.
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
 _BLOCK = 4096  # a chunk file takes at least one file-system block
+
+
+class _CheckedStore(zarr.storage.DirectoryStore):
+    """A directory store that refuses Blosc chunks whose size differs from what their header says.
+
+    Blosc stores incompressible data (random-looking uint8, say) as a plain copy, and numcodecs then
+    decodes a truncated chunk of it without any error, from memory past its end. Zarr has no such
+    check, hence this one: a Blosc frame records its own length (bytes 12-15, little endian).
+    """
+
+    _BLOSC_HEADER = 16
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._blosc_arrays: dict[str, bool | None] = {}  # None: not an array folder
+
+    def _is_blosc(self, key: str) -> bool:
+        # The array a chunk key belongs to: the nearest folder above it that holds a .zarray.
+        parts = key.split("/")[:-1]
+        while parts:
+            prefix = "/".join(parts)
+            if prefix not in self._blosc_arrays:
+                try:
+                    meta = json.loads(super().__getitem__(prefix + "/.zarray"))
+                except (KeyError, ValueError):
+                    self._blosc_arrays[prefix] = None
+                else:
+                    self._blosc_arrays[prefix] = (meta.get("compressor") or {}).get("id") == "blosc"
+            if self._blosc_arrays[prefix] is not None:
+                return self._blosc_arrays[prefix]
+            parts.pop()
+        return False
+
+    def __getitem__(self, key: str) -> bytes:
+        value = super().__getitem__(key)
+        name = key.rsplit("/", 1)[-1]
+        if not name.startswith(".") and self._is_blosc(key):
+            if len(value) < self._BLOSC_HEADER:
+                raise ValueError(f"chunk {key} has {len(value)} bytes, shorter than a Blosc header")
+            expected = int.from_bytes(value[12:16], "little")
+            if expected != len(value):
+                raise ValueError(f"chunk {key} has {len(value)} bytes, its Blosc header says {expected}")
+        return value
 
 
 class ZarrStack:
@@ -151,7 +195,7 @@ def _open_group(path: Path) -> tuple[zarr.Group, dict]:
     if not (path / ".zgroup").is_file():
         raise VolumeError(f"{path}: no .zgroup; not a Zarr store (an OME-Zarr image folder was expected)")
     try:
-        group = zarr.open_group(zarr.storage.DirectoryStore(str(path)), mode="r")
+        group = zarr.open_group(_CheckedStore(str(path)), mode="r")
         return group, group.attrs.asdict()
     except Exception as err:  # bad JSON in .zgroup/.zattrs and the like
         why = f"{type(err).__name__}: {err}"
