@@ -33,6 +33,7 @@ C = TypeVar("C")  # what computing gives
 DEPTH = 2  # blocks waiting between two stages
 _POLL_S = 0.1  # how often a waiting stage looks whether another one failed
 _END = object()  # no more blocks
+_GIVE_UP_S = 10.0  # how long leaving early waits for each stage to stop
 
 
 def max_in_flight(depth: int = DEPTH) -> int:
@@ -119,6 +120,7 @@ def run_overlapped(
     ]
     for thread in threads:
         thread.start()
+    leaving_early = True  # until the last block is handed to the writer
     try:
         while (item := stages.get(stages.read)) is not _END:
             key, data = item  # type: ignore[misc]
@@ -127,6 +129,7 @@ def run_overlapped(
             stages.put(stages.computed, (key, result))
             del result
         stages.put(stages.computed, _END)
+        leaving_early = False
         threads[1].join()  # the writer ends after the last block (or on its own error)
     except _Stopped:
         pass  # a thread failed: its error is raised below
@@ -136,6 +139,8 @@ def run_overlapped(
     finally:
         stages.stop.set()
         for thread in threads:
-            thread.join()
+            # Leaving early (an error, Ctrl-C) never waits on a stage for long: a stage stuck in a
+            # read or write must not hang the caller; the threads are daemons and die with the process.
+            thread.join(timeout=_GIVE_UP_S if leaving_early else None)
     if stages.error is not None:
         raise stages.error
