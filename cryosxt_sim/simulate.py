@@ -135,15 +135,7 @@ def _shape(shape) -> tuple[int, int, int]:
 
 def _formats(formats) -> list[str]:
     items = formats.split(",") if isinstance(formats, str) else list(formats)
-    suffix = {
-        "mrc": ".mrc",
-        "tif": ".tif",
-        "tiff": ".tif",
-        "nii": ".nii.gz",
-        "nii.gz": ".nii.gz",
-        "ome.zarr": ".ome.zarr",
-        "zarr": ".ome.zarr",
-    }
+    suffix = bundle_module("io.volume").FORMAT_SUFFIXES  # the names inference's `formats` takes
     try:
         return [suffix[f.strip().lower().lstrip(".")] for f in items if f.strip()]
     except KeyError as err:

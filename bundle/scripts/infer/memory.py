@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "default_budget_bytes",
     "estimate_live_bytes",
     "plan_memory",
+    "window_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,15 @@ def default_budget_bytes(device: torch.device) -> int:
     return int(min(free / 2, DEFAULT_CPU_CAP))
 
 
+def window_size(slice_shape: Sequence[int], max_window: Sequence[int] | int) -> tuple[int, int]:
+    """Sliding-window size: the whole slice when it fits in ``max_window`` (one window, no seams).
+
+    ``max_window`` entries <= 0 mean "no limit" along that axis.
+    """
+    limits = (max_window, max_window) if isinstance(max_window, int) else tuple(max_window)
+    return tuple(int(s) if lim <= 0 else int(min(s, lim)) for s, lim in zip(slice_shape, limits, strict=True))
+
+
 def _padded(side: int) -> int:
     return side + (-side) % 16
 
@@ -162,7 +173,7 @@ def plan_memory(
     max_slices: int = 1,
     half: bool = False,
     keep_tensors: bool = True,
-    max_window: tuple[int, int] = (0, 0),
+    max_window: Sequence[int] | int = 0,
     runtime_bytes: int = 0,
     device_type: str = "cpu",
     heap: bool = False,
@@ -185,7 +196,7 @@ def plan_memory(
     """
     room = budget_bytes - weights_bytes - runtime_bytes
     height, side = slice_shape
-    limits = tuple(s if lim <= 0 else min(s, lim) for s, lim in zip(slice_shape, max_window, strict=True))
+    limits = window_size(slice_shape, max_window)
     if limits != (height, side):  # the user's own tiles, with the inferer's overlap
         window, overlap = limits, None
         one = estimate_live_bytes(width, window, 1, half, device_type, heap)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import NormalizeIntensity
-from scripts.infer.memory import GIB, RUNTIME_BYTES, MemoryPlan, default_budget_bytes, plan_memory
+from scripts.infer.memory import GIB, RUNTIME_BYTES, MemoryPlan, default_budget_bytes, plan_memory, window_size
 from scripts.infer.resample import VoxelMatch, match_voxel_size, resample_slices, resampled_size
 from scripts.io.pages import keep_freed_memory
 from scripts.network.double_decoder import DoubleDecoderNet
@@ -51,15 +51,6 @@ class SlicePrediction:
     label: torch.Tensor
     image: torch.Tensor | None = None
     variance: torch.Tensor | None = None
-
-
-def window_size(slice_shape: Sequence[int], max_window: Sequence[int] | int) -> tuple[int, int]:
-    """Sliding-window size: the whole slice when it fits in ``max_window`` (one window, no seams).
-
-    ``max_window`` entries <= 0 mean "no limit" along that axis.
-    """
-    limits = (max_window, max_window) if isinstance(max_window, int) else tuple(max_window)
-    return tuple(int(s) if lim <= 0 else int(min(s, lim)) for s, lim in zip(slice_shape, limits, strict=True))
 
 
 # The 8 symmetries of the square (rot90 k times, optionally after a left-right flip) and inverses.
@@ -211,8 +202,7 @@ class SlicePredictor:
     def memory_plan(self, slice_shape: Sequence[int], slices: int = 1) -> MemoryPlan:
         """The window, slices per pass and kept tensors for ``slices`` slices of ``slice_shape`` (logged
         the first time a shape is seen)."""
-        # Only a GPU runs several slices per pass: on the CPU one plan serves every batch size.
-        key = (int(slice_shape[0]), int(slice_shape[1]), int(slices) if self.device.type == "cuda" else 1)
+        key = self._plan_key(slice_shape, slices)
         if key not in self._plans:
             budget = (
                 int(self.memory_budget_gb * GIB)
@@ -223,9 +213,11 @@ class SlicePredictor:
             logger.info("memory plan for %s", self._plans[key].describe(key[:2]))
         return self._plans[key]
 
+    def _plan_key(self, slice_shape: Sequence[int], slices: int) -> tuple[int, int, int]:
+        # Only a GPU runs several slices per pass: on the CPU one plan serves every batch size.
+        return int(slice_shape[0]), int(slice_shape[1]), int(slices) if self.device.type == "cuda" else 1
+
     def _plan(self, key: tuple[int, int, int], budget: int) -> MemoryPlan:
-        limit = self.max_window
-        limits = (limit, limit) if isinstance(limit, int) else tuple(int(v) for v in limit)
         return plan_memory(
             key[:2],
             getattr(self.network, "width", 64),
@@ -234,7 +226,7 @@ class SlicePredictor:
             max_slices=key[2],
             half=self.amp,
             keep_tensors=self.fuse and self.reuse_buffers and self.device.type == "cpu",
-            max_window=limits,
+            max_window=self.max_window,
             runtime_bytes=self._runtime_bytes(),
             device_type=self.device.type,
             heap=self.heap_kept,
@@ -269,7 +261,7 @@ class SlicePredictor:
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                key = (*shape, int(batch.shape[0]) if self.device.type == "cuda" else 1)
+                key = self._plan_key(shape, batch.shape[0])
                 # Half the room for activations (the weights and the process stay what they are).
                 fixed = self._runtime_bytes() + self._weights_bytes()
                 plan = self._plans[key] = self._plan(key, fixed + max(0, plan.budget_bytes - fixed) // 2)

@@ -26,6 +26,7 @@ from scripts.io.locks import FileLock
 from scripts.io.pages import release_pages
 from scripts.io.sinks import ArraySink
 from scripts.io.volume import (
+    FORMAT_SUFFIXES,
     SliceWriter,
     Volume,
     VolumeError,
@@ -41,15 +42,7 @@ __all__ = ["TomogramSegmenter", "InferenceError"]
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = {
-    "mrc": ".mrc",
-    "tif": ".tif",
-    "tiff": ".tif",
-    "nii": ".nii.gz",
-    "nii.gz": ".nii.gz",
-    "ome.zarr": ".ome.zarr",
-    "zarr": ".ome.zarr",
-}
+SUFFIXES = FORMAT_SUFFIXES  # output format name -> file suffix
 
 
 class InferenceError(RuntimeError):

@@ -28,6 +28,7 @@ from scripts.io.pages import release_pages
 from scripts.io.sinks import Sink
 
 __all__ = [
+    "FORMAT_SUFFIXES",
     "MRC_SUFFIXES",
     "NIFTI_SUFFIXES",
     "SUPPORTED_SUFFIXES",
@@ -54,6 +55,16 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUPPORTED_SUFFIXES = MRC_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES  # single files (MONAI Label uploads)
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")  # OME-Zarr stores: folders
+# Output format names (inference `formats`, the simulator's --formats) and the suffix each writes.
+FORMAT_SUFFIXES = {
+    "mrc": ".mrc",
+    "tif": ".tif",
+    "tiff": ".tif",
+    "nii": ".nii.gz",
+    "nii.gz": ".nii.gz",
+    "ome.zarr": ".ome.zarr",
+    "zarr": ".ome.zarr",
+}
 VOLUME_SUFFIXES = SUPPORTED_SUFFIXES + ZARR_SUFFIXES
 
 VoxelSize = tuple[float, float, float]
