@@ -6,9 +6,12 @@
 For each seed s, 4 unlabeled tomograms of the held-out instrument (``heldout`` preset: inverted
 contrast, 32 nm voxels, 75 nm PSF, +/-56 degrees; a combination ``random`` never draws) are simulated
 with seed 2000 + s (training data use seeds below 1000, the test tomograms 1000 and up), then the
-real bundle command adapts the weights twice with the same schedule (adapt.json's CPU default unless
-``--epochs``): ``adapt`` (labeled source steps + unlabeled steps on those tomograms) and
-``control`` (``--semi_supervised false``: the same labeled steps, no unlabeled step). Every
+real bundle command adapts the weights with the same schedule (adapt.json's CPU default unless
+``--epochs``) in each arm of ``--arms``: ``adapt`` (adapt.json as users run it: labeled source
+steps, the paper's unlabeled reconstruction steps and self-training on class-balanced pseudo labels
+of those tomograms), ``control`` (``--semi_supervised false``: the same labeled steps, nothing from
+the new tomograms) and, on request, ``recon`` (``--pseudo_labels false``: the paper's unlabeled
+steps without pseudo labels) and ``pseudo`` (pseudo labels without the unlabeled steps). Every
 ``adapted.pt`` and the original weights are then scored by ``bench_generalisation.py`` on the
 held-out instrument and on ``random`` (in-domain) test tomograms: Dice, F1 and the inference
 summary's OOD score, before and after. Adapted weights are kept under ``--work``; a seed whose
@@ -41,17 +44,22 @@ UNLABELED_SEED_BASE = 2000
 CONFIGS = f"['{REPO / 'bundle/configs/train.json'}','{REPO / 'bundle/configs/adapt.json'}']"
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cryosxt-bench" / "adaptation"
 DICE_FLOOR, CONTROL_GAP = 0.5, 0.05
+ARMS = {
+    "adapt": ["--semi_supervised", "true"],
+    "control": ["--semi_supervised", "false"],
+    "recon": ["--semi_supervised", "true", "--pseudo_labels", "false"],
+    "pseudo": ["--semi_supervised", "true", "--unlabeled_steps_per_epoch", "0"],
+}
 
 
-def adapt(weights: Path, unlabeled: Path, out: Path, seed: int, semi: bool, extra: list[str]) -> float:
-    """Run ``adapting`` (or its supervised-only control) unless ``out/adapted.pt`` exists; seconds."""
+def adapt(weights: Path, unlabeled: Path, out: Path, seed: int, extra: list[str]) -> float:
+    """Run ``adapting`` with the ``extra`` options unless ``out/adapted.pt`` exists; seconds."""
     timing = out / "timing.json"
     if (out / "adapted.pt").is_file() and timing.is_file():
         return float(json.loads(timing.read_text())["seconds"])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "adapting", "--config_file", CONFIGS,
            "--init_weights", str(weights), "--unlabeled_dir", str(unlabeled), "--output_dir", str(out),
-           "--seed", str(seed), "--semi_supervised", "true" if semi else "false", "--progress_bar", "false",
-           *extra]  # fmt: skip
+           "--seed", str(seed), "--progress_bar", "false", *extra]  # fmt: skip
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "w") as log:
@@ -80,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--source", type=Path, default=None, help="labeled source folder (default: adapt.json's simulated one)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="adaptation epochs (default: adapt.json's)")
+    parser.add_argument(
+        "--arms", default="adapt,control", help=f"adaptation arms, of {','.join(ARMS)} (default adapt,control)"
+    )
     parser.add_argument("--instrument", default="heldout", help="the new microscope (a preset; default heldout)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"runs and data (default {DEFAULT_WORK})")
     parser.add_argument(
@@ -98,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.weights.is_file():
         raise generalisation.BenchError(f"--weights {args.weights}: weights file not found")
     work = args.work.expanduser()
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ARMS]
+    if unknown or not names:
+        raise generalisation.BenchError(f"--arms {args.arms!r}: expected some of {', '.join(ARMS)}")
     # adapt.json's default source data, simulated once for every run (each run would make its own)
     source = args.source or Path(source_dataset(work))
     extra = ["--dataset_dir", str(source), *(["--adapt_epochs", str(args.epochs)] if args.epochs else [])]
@@ -120,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=seed,
                 instrument=args.instrument,
             )
-        for name, semi in (("adapt", True), ("control", False)):
+        for name in names:
             out = work / "runs" / f"{name}_s{k}" / (f"e{args.epochs}" if args.epochs else "default")
-            seconds[f"{name}_s{k}"] = adapt(args.weights, data / "unlabeled", out, k, semi, extra)
+            seconds[f"{name}_s{k}"] = adapt(args.weights, data / "unlabeled", out, k, [*extra, *ARMS[name]])
             arms[f"{name}_s{k}"] = out / "adapted.pt"
             print(f"{name} seed {k}: {out / 'adapted.pt'} ({seconds[f'{name}_s{k}']:.0f} s)", flush=True)
 
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nAdaptation to '{args.instrument}' ({count})\n")
     print("| arm | Dice held-out (mean, spread) | OOD score held-out | OOD score in-domain (random) |")
     print("|---|---|---|---|")
-    for group in ("before", "adapt", "control"):
+    for group in ("before", *names):
         names = [n for n in arms if n == group or n.startswith(group + "_")]
         dice, ood_held, ood_in = [], [], []
         for n in names:

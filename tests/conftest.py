@@ -1,5 +1,6 @@
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,17 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist runs one worker per core (pyproject's addopts): each worker, and every command its
+    # tests start (they inherit the environment), then gets one thread. Two workers with two OpenMP
+    # threads each oversubscribe two cores, and spinning OpenMP threads run many times slower.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def monailabel_module(name: str) -> Any:

@@ -78,7 +78,11 @@ def test_adapting_runs_end_to_end_and_reports_before_and_after(folders, weights:
     assert any(not torch.equal(state[k], start[k]) for k in start)  # it trained
     meta = read_metadata(adapted)
     assert meta is not None and meta.width == 4
-    assert meta.adapted_to == f"2 unlabeled tomograms in {folders['unlabeled'].resolve()}"
+    # adapt.json's default self-training: the interior slices 1-5 of each 8-slice tomogram
+    pseudo = "(self-trained on pseudo labels of 10 slices)"
+    assert meta.adapted_to == f"2 unlabeled tomograms in {folders['unlabeled'].resolve()} {pseudo}"
+    for tomogram in folders["unlabeled"].glob("*.mrc"):
+        assert (out / "pseudo_labels" / tomogram.name).is_file()
     assert meta.init_weights.startswith("w4.pt (sha256 ")
 
     report = json.loads((out / REPORT).read_text())

@@ -3,7 +3,8 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 from scripts.infer.postprocess import PostProcessing
-from scripts.infer.predict import DIHEDRAL, SlicePredictor, _dihedral, _dihedral_inverse, window_size
+from scripts.infer.predict import SlicePredictor, window_size
+from scripts.network.dihedral import DIHEDRAL, dihedral, dihedral_inverse, dihedral_mean
 from scripts.network.double_decoder import DoubleDecoderNet
 
 
@@ -21,7 +22,7 @@ def test_window_is_the_whole_slice_when_it_fits():
 @pytest.mark.parametrize(("k", "flip"), DIHEDRAL)
 def test_dihedral_inverse_undoes_the_transform(k, flip):
     x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5)
-    assert torch.equal(_dihedral_inverse(_dihedral(x, k, flip), k, flip), x)
+    assert torch.equal(dihedral_inverse(dihedral(x, k, flip), k, flip), x)
     assert len(set(DIHEDRAL)) == 8
 
 
@@ -44,8 +45,10 @@ def test_tta_gives_mean_and_variance_of_the_8_variants():
     assert plain.variance is None and tta.variance is not None
     x = SlicePredictor(net).normalize(torch.as_tensor(slices)).unsqueeze(1)
     with torch.no_grad():
-        variants = torch.stack([_dihedral_inverse(net(_dihedral(x, k, f)), k, f) for k, f in DIHEDRAL])[:, :, 0]
+        variants = torch.stack([dihedral_inverse(net(dihedral(x, k, f)), k, f) for k, f in DIHEDRAL])[:, :, 0]
     torch.testing.assert_close(tta.label, variants.mean(0), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the teacher of adaptation's pseudo labels averages the same eight views
+        torch.testing.assert_close(dihedral_mean(net, x)[:, 0], tta.label, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tta.variance, variants.var(0, unbiased=False), atol=1e-6, rtol=1e-4)
     assert not torch.allclose(tta.label, plain.label)
 

@@ -30,6 +30,7 @@ from monai.transforms import NormalizeIntensity
 from scripts.infer.memory import GIB, RUNTIME_BYTES, MemoryPlan, default_budget_bytes, plan_memory, window_size
 from scripts.infer.resample import VoxelMatch, match_voxel_size, resample_slices, resampled_size
 from scripts.io.pages import keep_freed_memory
+from scripts.network.dihedral import DIHEDRAL, dihedral, dihedral_inverse
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
 from scripts.options import as_bool, as_optional
@@ -51,20 +52,6 @@ class SlicePrediction:
     label: torch.Tensor
     image: torch.Tensor | None = None
     variance: torch.Tensor | None = None
-
-
-# The 8 symmetries of the square (rot90 k times, optionally after a left-right flip) and inverses.
-def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    x = torch.flip(x, dims=(-1,)) if flip else x
-    return torch.rot90(x, k, dims=(-2, -1))
-
-
-def _dihedral_inverse(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    x = torch.rot90(x, -k, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if flip else x
-
-
-DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
 
 
 class SlicePredictor:
@@ -326,10 +313,10 @@ class SlicePredictor:
             for k, flip in variants:
                 pair_labels, pair_images = [], []
                 for sign in signs:
-                    label, image = self._forward(_dihedral(batch if sign > 0 else -batch, k, flip))
-                    pair_labels.append(_dihedral_inverse(label.float(), k, flip))
+                    label, image = self._forward(dihedral(batch if sign > 0 else -batch, k, flip))
+                    pair_labels.append(dihedral_inverse(label.float(), k, flip))
                     if image is not None:  # the image decoder reconstructs -x: negated back
-                        pair_images.append(sign * _dihedral_inverse(image.float(), k, flip))
+                        pair_images.append(sign * dihedral_inverse(image.float(), k, flip))
                 raw.extend(pair_labels)
                 labels.append(_pair_mean(pair_labels))
                 if pair_images:

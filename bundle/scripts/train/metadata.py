@@ -119,8 +119,14 @@ class WeightsMetadataWriter:
     @property
     def metadata(self) -> WeightsMetadata:
         if self._metadata is None:
-            labeled = [item["image"] for key in ("train", "val") for item in self.data.get(key, [])]
             unlabeled = {str(item["image"]) for item in self.data.get("unlabeled", [])}
+            # Adaptation's pseudo-labeled slices are of the unlabeled tomograms: counted there only.
+            labeled = [
+                item["image"]
+                for key in ("train", "val")
+                for item in self.data.get(key, [])
+                if str(item["image"]) not in unlabeled
+            ]
             voxel = median_voxel_size(labeled)
             dataset = self.dataset_dir.resolve().name
             trained_on = (
@@ -132,6 +138,8 @@ class WeightsMetadataWriter:
             adapted_to = None
             if self.adapted_to:
                 adapted_to = f"{len(unlabeled)} unlabeled tomograms in {self.adapted_to}"
+                if self.data.get("pseudo_labeled"):
+                    adapted_to += f" (self-trained on pseudo labels of {self.data['pseudo_labeled']} slices)"
                 trained_on = f"adapted to {adapted_to}; labeled source: {trained_on}"
             self._metadata = WeightsMetadata(
                 self.width,
