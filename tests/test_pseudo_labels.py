@@ -40,19 +40,11 @@ def _tomogram(path: Path, data: np.ndarray) -> Path:
     return path
 
 
-@pytest.fixture
-def teacher(tmp_path: Path) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path / "teacher.pt"
-    torch.save(DoubleDecoderNet(width=4).state_dict(), path)
-    return path
-
-
-def test_written_labels_are_the_teachers_ranks_on_interior_slices_and_reused(tmp_path: Path, teacher: Path):
+def test_written_labels_are_the_teachers_ranks_on_interior_slices_and_reused(tmp_path: Path, weights: Path):
     data = np.random.default_rng(2).normal(size=(10, 48, 48))
     tomogram = _tomogram(tmp_path / "new" / "t.mrc", data)
     out = tmp_path / "run"
-    (labeled,) = write_pseudo_labels(teacher, [tomogram], out, prior=0.2, keep=0.5)
+    (labeled,) = write_pseudo_labels(weights, [tomogram], out, prior=0.2, keep=0.5)
     assert labeled.image == tomogram and labeled.label == out / FOLDER / "t.mrc"
     assert labeled.annotated_slices == list(range(2, 8))  # the interior 20 %..80 % of 10 slices
     with mrcfile.open(labeled.label) as mrc:
@@ -61,23 +53,23 @@ def test_written_labels_are_the_teachers_ranks_on_interior_slices_and_reused(tmp
     assert (labels[[0, 1, 8, 9]] == IGNORE_VALUE).all()
 
     network = DoubleDecoderNet(width=4, outputs="label")
-    network.load_state_dict(torch.load(teacher, weights_only=True))
+    network.load_state_dict(torch.load(weights, weights_only=True))
     with torch.no_grad():
         soft = dihedral_mean(network.eval(), torch.from_numpy(standardise(data[4].astype(np.float32)))[None, None])
     expected = class_balanced_labels(soft[0, 0].numpy(), 0.2, 0.5)
     assert (labels[4] != expected).mean() < 0.01  # the teacher is the fused copy: ranks equal up to ties
 
     stamp = labeled.label.stat().st_mtime_ns
-    write_pseudo_labels(teacher, [tomogram], out, prior=0.2, keep=0.5)
+    write_pseudo_labels(weights, [tomogram], out, prior=0.2, keep=0.5)
     assert labeled.label.stat().st_mtime_ns == stamp  # same teacher and settings: reused
-    write_pseudo_labels(teacher, [tomogram], out, prior=0.2, keep=0.25)
+    write_pseudo_labels(weights, [tomogram], out, prior=0.2, keep=0.25)
     with mrcfile.open(labeled.label) as mrc:
         assert (canonical_labels(mrc.data[4], "x") == MEMBRANE).sum() < (
             labels[4] == MEMBRANE
         ).sum()  # other settings: made again
 
 
-def test_adaptation_data_trains_on_pseudo_labels_only_when_semi_supervised(tmp_path: Path, teacher: Path):
+def test_adaptation_data_trains_on_pseudo_labels_only_when_semi_supervised(tmp_path: Path, weights: Path):
     from cryosxt_sim.simulate import main as simulate
 
     simulate(out=str(tmp_path / "source"), count=2, shape="10,48,48", seed=3, instrument="bessy")
@@ -91,7 +83,7 @@ def test_adaptation_data_trains_on_pseudo_labels_only_when_semi_supervised(tmp_p
             fractions.append((values == MEMBRANE).sum() / (values != IGNORE_VALUE).sum())
     assert prior == pytest.approx(float(np.median(fractions)))
 
-    common = {"val_fraction": 0.5, "seed": 0, "init_weights": str(teacher), "output_dir": str(tmp_path / "run")}
+    common = {"val_fraction": 0.5, "seed": 0, "init_weights": str(weights), "output_dir": str(tmp_path / "run")}
     plain = adaptation_data(tmp_path / "source", tmp_path / "new", semi_supervised=True, **common)
     self_trained = adaptation_data(
         tmp_path / "source", tmp_path / "new", semi_supervised=True, pseudo_labels=True, **common
