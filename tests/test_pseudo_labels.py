@@ -12,7 +12,7 @@ from scripts.io.labels import IGNORE_VALUE, MEMBRANE, canonical_labels
 from scripts.network.dihedral import dihedral_mean
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.train.adapt import adaptation_data
-from scripts.train.dataset import list_training_data
+from scripts.train.dataset import list_training_data, slice_items
 from scripts.train.pseudo_labels import FOLDER, class_balanced_labels, membrane_prior, write_pseudo_labels
 from scripts.train.workflow import standardise
 
@@ -75,7 +75,7 @@ def test_adaptation_data_trains_on_pseudo_labels_only_when_semi_supervised(tmp_p
     simulate(out=str(tmp_path / "source"), count=2, shape="10,48,48", seed=3, instrument="bessy")
     _tomogram(tmp_path / "new" / "a.mrc", np.random.default_rng(3).normal(size=(10, 48, 48)))
     source, _ = list_training_data(tmp_path / "source")
-    prior = membrane_prior(source)
+    prior = membrane_prior(slice_items(source))
     fractions = []
     for item in source:
         with mrcfile.open(item.label) as mrc:

@@ -32,7 +32,7 @@ from scripts.train.dataset import list_training_data, slice_items, slice_items_u
 from scripts.train.labels import label_to_target
 from scripts.train.metadata import WeightsMetadataWriter
 from scripts.train.metrics import label_counts, label_scores
-from scripts.train.pseudo_labels import DEFAULT_KEEP, membrane_prior, write_pseudo_labels
+from scripts.train.pseudo_labels import DEFAULT_KEEP, INTERIOR, interior_slices, membrane_prior, write_pseudo_labels
 from scripts.train.slices import VolumeCache
 from scripts.train.workflow import prepare_data, standardise
 
@@ -46,7 +46,6 @@ SOURCE_FOLDER = "source_data"
 SOURCE_SEED = 500  # training data use seeds < 1000, the benchmark's held-out tomograms 1000 and up
 SOURCE_COUNT = 4
 SOURCE_SHAPE = "32,256,256"
-SOURCE_SLICES = (0.2, 0.8)  # the annotated part of each simulated tomogram: its interior in z
 
 
 def _given(value: Any) -> bool:
@@ -66,7 +65,7 @@ def source_dataset(
         "seed": int(seed),
         "instrument": "random",
         "cell": "random",
-        "annotated": list(SOURCE_SLICES),
+        "annotated": list(INTERIOR),
     }
     marker = folder / "source.json"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
@@ -82,7 +81,8 @@ def source_dataset(
     logger.info("simulating %d labeled source tomograms (%s, seed %d) in %s", count, shape, seed, folder)
     names = simulate(out=str(folder), count=int(count), shape=shape, seed=int(seed), instrument="random", cell="random")
     depth = int(str(shape).split(",")[0])
-    first, last = int(SOURCE_SLICES[0] * depth), int(SOURCE_SLICES[1] * depth) - 1
+    interior = interior_slices(depth)
+    first, last = interior[0], interior[-1]
     for name in names:  # the top and bottom of a cell, weak under the missing wedge, stay unannotated
         with atomic_output(folder / "labels" / f"{name}.slices.txt") as tmp:
             tmp.write_text(f"{first}-{last}\n")
@@ -120,12 +120,7 @@ def adaptation_data(
     if semi and as_bool(pseudo_labels, "pseudo_labels"):
         if not _given(init_weights) or not _given(output_dir):
             raise ValueError("pseudo_labels needs init_weights (the teacher) and output_dir")
-        prior = membrane_prior(list_training_data(dataset_dir)[0])
-        if not 0.0 < prior < 1.0:
-            raise ValueError(
-                f"{dataset_dir}: membrane is {prior:.0%} of the annotated source pixels: no class balance for "
-                "pseudo labels (run with --pseudo_labels false)"
-            )
+        prior = membrane_prior([*data["train"], *data["val"]])  # the source's labeled slices
         pseudo = slice_items(write_pseudo_labels(init_weights, volumes, output_dir, prior, float(pseudo_label_keep)))
         data["train"] = [*data["train"], *pseudo]
         data["pseudo_labeled"] = len(pseudo)

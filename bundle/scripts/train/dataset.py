@@ -27,7 +27,6 @@ from scripts.options import parse_slice_ranges
 __all__ = [
     "LabeledVolume",
     "annotated_slices",
-    "labeled_volume",
     "list_training_data",
     "read_slice_list",
     "slice_items",
@@ -114,7 +113,7 @@ def list_training_data(dataset_dir: str | os.PathLike) -> tuple[list[LabeledVolu
         if label_path is None:
             unlabeled.append(image_path)
             continue
-        item = labeled_volume(image_path, label_path)
+        item = _labeled_volume(image_path, label_path)
         if item.annotated_slices:
             labeled.append(item)
         else:
@@ -127,9 +126,7 @@ def list_training_data(dataset_dir: str | os.PathLike) -> tuple[list[LabeledVolu
     return labeled, unlabeled
 
 
-def labeled_volume(image_path: str | os.PathLike, label_path: str | os.PathLike) -> LabeledVolume:
-    """An image and its label volume, with the label's annotated slices (its ``.slices.txt`` if any)."""
-    image_path, label_path = Path(image_path), Path(label_path)
+def _labeled_volume(image_path: Path, label_path: Path) -> LabeledVolume:
     image = open_volume(image_path, allow_2d=True, check_finite=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # labels often carry no voxel size; the image's is what counts

@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +36,17 @@ from scripts.network.dihedral import dihedral_mean
 from scripts.network.double_decoder import DoubleDecoderNet
 from scripts.network.fusion import fuse_for_inference
 from scripts.network.weights import load_weights, weights_info
-from scripts.train.dataset import LabeledVolume, labeled_volume
+from scripts.train.dataset import LabeledVolume
 from scripts.train.workflow import standardise
 
-__all__ = ["DEFAULT_KEEP", "INTERIOR", "class_balanced_labels", "membrane_prior", "write_pseudo_labels"]
+__all__ = [
+    "DEFAULT_KEEP",
+    "INTERIOR",
+    "class_balanced_labels",
+    "interior_slices",
+    "membrane_prior",
+    "write_pseudo_labels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +56,35 @@ FOLDER = "pseudo_labels"
 BACKGROUND = 0
 
 
-def membrane_prior(labeled: Sequence[LabeledVolume]) -> float:
-    """Median membrane fraction of the annotated pixels of each labeled tomogram's annotated slices."""
+def interior_slices(depth: int) -> range:
+    """The z indices that get labels: the interior 20-80 % (at least one slice). Also the annotated
+    range of ``adapting``'s simulated source data (``scripts.train.adapt``)."""
+    first = int(INTERIOR[0] * depth)
+    return range(first, max(int(INTERIOR[1] * depth), first + 1))
+
+
+def membrane_prior(items: Sequence[Mapping[str, Any]]) -> float:
+    """Median membrane fraction of the annotated pixels per labeled tomogram, over the slices of
+    ``items`` (``{"image", "label", "z"}`` slice items). ValueError when it is 0 or 1: no class
+    balance to keep."""
+    slices: dict[str, list[int]] = defaultdict(list)
+    for item in items:
+        slices[str(item["label"])].append(int(item["z"]))
     fractions = []
-    for item in labeled:
-        label = open_volume(item.label, allow_2d=True, check_finite=False).data
-        values = canonical_labels(np.asarray(label[item.annotated_slices]), item.label)  # int8 MRC: 255 is -1
+    for path, zs in slices.items():
+        label = open_volume(path, allow_2d=True, check_finite=False).data
+        values = canonical_labels(np.asarray(label[sorted(zs)]), path)  # int8 MRC: 255 reads as -1
         annotated = values != IGNORE_VALUE
         if annotated.any():
             fractions.append(float((values[annotated] == MEMBRANE).mean()))
-    if not fractions:
-        raise ValueError("no annotated pixel in the labeled source data: no membrane fraction to balance on")
-    return float(np.median(fractions))
+    prior = float(np.median(fractions)) if fractions else 0.0
+    if not 0.0 < prior < 1.0:
+        folders = sorted({str(Path(p).parent) for p in slices}) or ["(none)"]
+        raise ValueError(
+            f"{', '.join(folders)}: membrane is {prior:.0%} of the annotated source pixels: no class balance "
+            "for pseudo labels (run with --pseudo_labels false)"
+        )
+    return prior
 
 
 def class_balanced_labels(soft: np.ndarray, prior: float, keep: float = DEFAULT_KEEP) -> np.ndarray:
@@ -108,14 +134,14 @@ def write_pseudo_labels(
     network = None if reuse else _teacher(weights)
     labeled = []
     for path, target in targets.items():
+        image = open_volume(path, check_finite=False)
+        interior = interior_slices(image.shape[0])
         if not reuse:
-            image = open_volume(path, check_finite=False)
-            depth = image.shape[0]
             labels = np.full(image.shape, IGNORE_VALUE, dtype=np.uint8)
-            for z in range(int(INTERIOR[0] * depth), max(int(INTERIOR[1] * depth), int(INTERIOR[0] * depth) + 1)):
+            for z in interior:
                 labels[z] = class_balanced_labels(_teacher_slice(network, image.data[z]), prior, keep)
             write_volume(target, labels, like=image)
-        labeled.append(labeled_volume(path, target))
+        labeled.append(LabeledVolume(path, target, list(interior)))  # every interior slice is labeled
     if not reuse:
         with atomic_output(marker) as tmp:  # last: every label volume of this recipe is complete
             tmp.write_text(json.dumps(recipe))
